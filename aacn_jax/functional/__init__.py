@@ -1,0 +1,33 @@
+"""Pure jax.numpy functions for attention-augmented convolutions; no Flax.
+
+Bello et al., "Attention Augmented Convolutional Networks", ICCV 2019, arXiv:1904.09925.
+"""
+
+from aacn_jax.functional.attention import (
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    IMPLEMENTATIONS,
+    self_attention_2d,
+)
+from aacn_jax.functional.position import coordinate_channels, sinusoidal_channels
+from aacn_jax.functional.relative import (
+    absolute_table,
+    rel_to_abs,
+    relative_index,
+    relative_logit_factors,
+    relative_logits,
+    resize_relative_table,
+)
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET_BYTES",
+    "IMPLEMENTATIONS",
+    "absolute_table",
+    "coordinate_channels",
+    "rel_to_abs",
+    "relative_index",
+    "relative_logit_factors",
+    "relative_logits",
+    "resize_relative_table",
+    "self_attention_2d",
+    "sinusoidal_channels",
+]

@@ -1,0 +1,125 @@
+"""Multi-head 2-D self-attention with relative position logits, as a Flax module.
+
+Bello et al., "Attention Augmented Convolutional Networks", ICCV 2019, arXiv:1904.09925,
+section 3.1-3.2. The math lives in :mod:`aacn_jax.functional`; this module holds parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aacn_jax import functional as F
+
+__all__ = ["SelfAttention2D", "POSITIONS"]
+
+POSITIONS = ("relative", "none", "sinusoidal", "coordconv")
+
+
+def check_attention_config(dk: int, dv: int, num_heads: int, position: str) -> None:
+    """Raise ValueError naming the argument when the attention hyperparameters are inconsistent."""
+    if num_heads < 1:
+        raise ValueError(f"num_heads={num_heads} must be >= 1")
+    for name, depth in (("dk", dk), ("dv", dv)):
+        if depth < 1:
+            raise ValueError(f"{name}={depth} must be >= 1")
+        if depth % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide {name}={depth}")
+    if position not in POSITIONS:
+        raise ValueError(f"position={position!r} must be one of {POSITIONS}")
+
+
+def check_image(x: jax.Array, layer: str) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"{layer} expects a 4-D NHWC input [B, H, W, C], got x.shape={x.shape}")
+
+
+class SelfAttention2D(nn.Module):
+    """Multi-head self-attention over all pixels of an NHWC feature map (paper eqs. 1-2).
+
+    A 1x1 convolution computes queries, keys and values (``2*dk + dv`` channels), which are
+    split into ``num_heads`` heads; each head attends over all H*W positions; the heads are
+    concatenated and mixed by a 1x1 convolution ``dv -> dv`` (the paper's W^O).
+
+    Paper symbols: ``dk`` and ``dv`` are the total key and value depths, ``num_heads`` is Nh,
+    dkh = dk / Nh and dvh = dv / Nh.
+
+    Attributes:
+      dk: total depth of queries and keys.
+      dv: total depth of values, and the number of output channels.
+      num_heads: Nh; must divide dk and dv.
+      position: ``"relative"`` (the paper: learned tables r^H ``[2H-1, dkh]`` and r^W
+        ``[2W-1, dkh]``, shared across heads, initialised N(0, dkh**-0.5) as a std),
+        ``"none"`` (content only: permutation equivariant), ``"sinusoidal"`` or
+        ``"coordconv"`` (absolute position channels concatenated to the attention input),
+        the paper's ablation set.
+      sinusoidal_channels: channels of the 2-D sine encoding (not stated in the paper).
+      implementation, memory_budget_bytes: passed to :func:`aacn_jax.functional.self_attention_2d`.
+      dtype, param_dtype: computation and parameter dtypes, as in ``flax.linen``.
+
+    Input sizes: the relative tables get their size from the input seen at ``init``. Applied to
+    a smaller map the layer uses the exact centre of its tables; applied to a larger map it
+    interpolates them linearly (see :func:`aacn_jax.functional.resize_relative_table`).
+    """
+
+    dk: int
+    dv: int
+    num_heads: int
+    _: dataclasses.KW_ONLY
+    position: str = "relative"
+    sinusoidal_channels: int = 32
+    implementation: str | None = None
+    memory_budget_bytes: int = F.DEFAULT_MEMORY_BUDGET_BYTES
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        check_attention_config(self.dk, self.dv, self.num_heads, self.position)
+        super().__post_init__()
+
+    def _relative_table(self, name: str, length: int) -> jax.Array:
+        depth = self.dk // self.num_heads
+        shape = (2 * length - 1, depth)
+        if self.has_variable("params", name):  # the size is fixed by the input seen at init
+            shape = self.get_variable("params", name).shape
+        table = self.param(name, nn.initializers.normal(stddev=depth**-0.5), shape, self.param_dtype)
+        return F.resize_relative_table(table, length)
+
+    def _with_position_channels(self, x: jax.Array) -> jax.Array:
+        batch, height, width, _ = x.shape
+        if self.position == "coordconv":
+            channels = F.coordinate_channels(height, width)
+        elif self.position == "sinusoidal":
+            channels = F.sinusoidal_channels(height, width, self.sinusoidal_channels)
+        else:
+            return x
+        channels = jnp.broadcast_to(channels.astype(x.dtype), (batch, height, width, channels.shape[-1]))
+        return jnp.concatenate([x, channels], axis=-1)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``[B, H, W, C] -> [B, H, W, dv]``."""
+        check_image(x, "SelfAttention2D")
+        batch, height, width, _ = x.shape
+        heads, dk, dv = self.num_heads, self.dk, self.dv
+        conv = dict(kernel_size=(1, 1), dtype=self.dtype, param_dtype=self.param_dtype)
+        qkv = nn.Conv(2 * dk + dv, name="qkv", **conv)(self._with_position_channels(x))
+        q, k, v = jnp.split(qkv, [dk, 2 * dk], axis=-1)
+        q = q.reshape(batch, height, width, heads, dk // heads)  # B, H, W, N, dkh
+        k = k.reshape(batch, height, width, heads, dk // heads)  # B, H, W, N, dkh
+        v = v.reshape(batch, height, width, heads, dv // heads)  # B, H, W, N, dvh
+        rel_h = rel_w = None
+        if self.position == "relative":
+            rel_h = self._relative_table("rel_h", height).astype(q.dtype)
+            rel_w = self._relative_table("rel_w", width).astype(q.dtype)
+        out = F.self_attention_2d(
+            q, k, v, rel_h, rel_w,
+            implementation=self.implementation,
+            memory_budget_bytes=self.memory_budget_bytes,
+        )  # B, H, W, N, dvh
+        out = out.reshape(batch, height, width, dv)  # heads concatenated: B, H, W, dv
+        return nn.Conv(dv, name="out", **conv)(out)

@@ -1,0 +1,94 @@
+"""Brute-force NumPy references for ``aacn_jax.functional``.
+
+Written directly from the equations of the contract with explicit Python
+loops (no einsum, no pad-and-reshape trick) so that they are an independent
+check of the vectorised JAX implementation.  All computation is in float64.
+
+Layout: NHWC with heads after space, i.e. ``q[b, x, y, n, :]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _f64(a):
+    return np.asarray(a, dtype=np.float64)
+
+
+def rel_to_abs_ref(x):
+    """``[..., L, 2L-1] -> [..., L, L]`` with ``out[..., i, j] = x[..., i, j - i + L - 1]``."""
+    x = _f64(x)
+    L = x.shape[-2]
+    assert x.shape[-1] == 2 * L - 1, x.shape
+    out = np.zeros(x.shape[:-1] + (L,), dtype=np.float64)
+    for i in range(L):
+        for j in range(L):
+            out[..., i, j] = x[..., i, j - i + L - 1]
+    return out
+
+
+def relative_logits_ref(q, rel_h, rel_w):
+    """``q [B,H,W,N,d]``, ``rel_h [2H-1,d]``, ``rel_w [2W-1,d]`` -> ``[B,N,H,W,H,W]``.
+
+    ``out[b,n,x,y,x2,y2] = q[b,x,y,n]·rel_h[x2-x+H-1] + q[b,x,y,n]·rel_w[y2-y+W-1]``
+    (no scaling).
+    """
+    q, rel_h, rel_w = _f64(q), _f64(rel_h), _f64(rel_w)
+    B, H, W, N, d = q.shape
+    assert rel_h.shape == (2 * H - 1, d), rel_h.shape
+    assert rel_w.shape == (2 * W - 1, d), rel_w.shape
+    out = np.zeros((B, N, H, W, H, W), dtype=np.float64)
+    for b in range(B):
+        for n in range(N):
+            for x in range(H):
+                for y in range(W):
+                    qv = q[b, x, y, n]
+                    for x2 in range(H):
+                        hterm = np.dot(qv, rel_h[x2 - x + H - 1])
+                        for y2 in range(W):
+                            wterm = np.dot(qv, rel_w[y2 - y + W - 1])
+                            out[b, n, x, y, x2, y2] = hterm + wterm
+    return out
+
+
+def self_attention_2d_ref(q, k, v, rel_h=None, rel_w=None):
+    """2-D multi-head self-attention with optional relative position logits.
+
+    ``q, k [B,H,W,N,dk]``, ``v [B,H,W,N,dv]`` -> ``[B,H,W,N,dv]`` (float64).
+    For each (b, n, x, y): logits over all keys (x2, y2) are
+    ``qs·k[b,x2,y2,n] + relative_logits(qs)[b,n,x,y,x2,y2]`` with
+    ``qs = q * dk**-0.5``; softmax over the H*W keys; weighted sum of ``v``.
+    """
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    B, H, W, N, dk = q.shape
+    dv = v.shape[-1]
+    assert k.shape == q.shape, (k.shape, q.shape)
+    assert v.shape[:-1] == q.shape[:-1], (v.shape, q.shape)
+    if (rel_h is None) != (rel_w is None):
+        raise ValueError("rel_h and rel_w must both be given or both be None")
+    qs = q * dk ** -0.5
+    rel = None
+    if rel_h is not None:
+        rel = relative_logits_ref(qs, rel_h, rel_w)
+    out = np.zeros((B, H, W, N, dv), dtype=np.float64)
+    for b in range(B):
+        for n in range(N):
+            for x in range(H):
+                for y in range(W):
+                    qv = qs[b, x, y, n]
+                    logits = np.zeros((H, W), dtype=np.float64)
+                    for x2 in range(H):
+                        for y2 in range(W):
+                            logits[x2, y2] = np.dot(qv, k[b, x2, y2, n])
+                            if rel is not None:
+                                logits[x2, y2] += rel[b, n, x, y, x2, y2]
+                    m = logits.max()
+                    e = np.exp(logits - m)
+                    w = e / e.sum()
+                    acc = np.zeros((dv,), dtype=np.float64)
+                    for x2 in range(H):
+                        for y2 in range(W):
+                            acc += w[x2, y2] * v[b, x2, y2, n]
+                    out[b, x, y, n] = acc
+    return out
