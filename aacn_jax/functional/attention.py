@@ -5,27 +5,35 @@ Bello et al., "Attention Augmented Convolutional Networks", ICCV 2019, arXiv:190
 Queries and keys are ``[B, H, W, N, dk]``, values ``[B, H, W, N, dv]`` (NHWC, heads after
 space). Paper symbols: N is Nh, dk/dv here are the per-head depths dkh/dvh.
 
-Two implementations compute the same function:
-- ``"dense"``: all ``B*N*(HW)^2`` logits at once. The relative terms are added by broadcasting
-  the ``[B, N, H, W, H]`` and ``[B, N, H, W, W]`` factors, never tiled to (HW)^2 copies.
-- ``"blockwise"``: query rows in blocks of ``block_size`` rows; each block attends to all keys
-  and is rematerialised in the backward pass, so the largest temporary is
-  ``B*N*block_size*W*HW`` logits instead of ``B*N*(HW)^2``.
-``implementation=None`` picks dense when its logits fit in ``memory_budget_bytes``.
+The computation walks over blocks of query rows. Each block attends to every key: its logits
+``[B, N, rows, W, H*W]`` are the content logits plus the two relative factors
+``[B, N, rows, W, H]`` and ``[B, N, rows, W, W]`` added by broadcasting (never tiled to (HW)^2
+copies). A custom VJP keeps only the output and the per-query log-sum-exp and rebuilds each
+block's softmax in the backward pass, as memory-efficient ("flash") attention does, so the
+largest temporary is one block's logits.
+
+- ``implementation="dense"``: one block holding all H rows, i.e. all ``B*N*(HW)^2`` logits.
+- ``implementation="blockwise"``: blocks of ``block_size`` rows, memory ``B*N*block_size*W*HW``.
+- ``implementation=None``: dense when its logits fit ``memory_budget_bytes``, else blockwise
+  with the largest block that fits.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from aacn_jax.functional.relative import absolute_table, check_tables, relative_logit_factors
 
-__all__ = ["self_attention_2d", "IMPLEMENTATIONS", "DEFAULT_MEMORY_BUDGET_BYTES"]
+__all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "IMPLEMENTATIONS", "dense_logits_bytes", "self_attention_2d"]
 
 IMPLEMENTATIONS = ("dense", "blockwise")
-# Float32 logits the automatic choice lets the dense path hold at once (per call, per device).
-DEFAULT_MEMORY_BUDGET_BYTES = 64 * 2**20
+# Float32 logits of one block. On this project's 2-core CPU, blocks of a few MiB (cache-sized)
+# ran fastest; see benchmarks/README.md.
+DEFAULT_MEMORY_BUDGET_BYTES = 16 * 2**20
+_F32 = jnp.float32
 
 
 def _check_args(q, k, v, rel_h, rel_w) -> None:
@@ -42,68 +50,123 @@ def _check_args(q, k, v, rel_h, rel_w) -> None:
         check_tables(q, rel_h, rel_w)
 
 
-def _attend(q, k, v, table_h, table_w):
-    """Attention of a slab of query rows to all keys.
+def _block_logits(q, k, table_h, table_w):
+    """Logits ``[B, N, R, W, H*W]`` (float32) of R query rows ``q [B, R, W, N, d]`` against all keys.
 
-    q ``[B, R, W, N, d]`` (R query rows), k ``[B, H, W, N, d]``, v ``[B, H, W, N, dv]``;
-    table_h ``[R, H, d]`` (absolute r^H rows of those queries), table_w ``[W, W, d]``, or both None.
+    ``table_h [R, H, d]`` are those rows' absolute r^H entries, ``table_w [W, W, d]``; or both None.
     """
     batch, rows, width, heads, _ = q.shape
-    keys = k.shape[1] * k.shape[2]
-    logits = jnp.einsum("bxynd,bzwnd->bnxyzw", q, k, preferred_element_type=jnp.float32)  # B, N, R, W, H, W
+    logits = jnp.einsum("bxynd,bzwnd->bnxyzw", q, k, preferred_element_type=_F32)  # B, N, R, W, H, W
     if table_h is not None:
         logits_h, logits_w = relative_logit_factors(q, table_h, table_w)  # B,N,R,W,H and B,N,R,W,W
         logits = logits + logits_h[..., :, None] + logits_w[..., None, :]
-    logits = logits.reshape(batch, heads, rows, width, keys)  # B, N, R, W, HW
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    weights = weights.reshape(logits.shape[:-1] + k.shape[1:3])  # B, N, R, W, H, W
-    return jnp.einsum("bnxyzw,bzwnd->bxynd", weights, v)  # B, R, W, N, dv
+    return logits.reshape(batch, heads, rows, width, -1)  # B, N, R, W, HW
 
 
-def _tables(rel_h, rel_w, dtype):
-    if rel_h is None:
-        return None, None
-    return absolute_table(rel_h).astype(dtype), absolute_table(rel_w).astype(dtype)
+def _flat(x):
+    """``[B, H, W, N, d] -> [B, HW, N, d]``."""
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
-def _dense(q, k, v, rel_h, rel_w):
-    table_h, table_w = _tables(rel_h, rel_w, q.dtype)
-    return _attend(q, k, v, table_h, table_w)
+def _forward_block(q, k, v, table_h, table_w):
+    """Output ``[B, R, W, N, dv]`` (float32) and log-sum-exp ``[B, N, R, W]`` of one block of query rows."""
+    logits = _block_logits(q, k, table_h, table_w)
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    weights = jnp.exp(logits - peak)  # unnormalised
+    total = jnp.sum(weights, axis=-1)  # B, N, R, W
+    out = jnp.einsum("bnxyt,btne->bxyne", weights.astype(v.dtype), _flat(v), preferred_element_type=_F32)
+    out = out / jnp.moveaxis(total, 1, -1)[..., None]  # normalise the small output, not the weights
+    return out, peak[..., 0] + jnp.log(total)
 
 
-def _blockwise(q, k, v, rel_h, rel_w, block_size):
-    batch, height, width, heads, depth = q.shape
-    block_size = min(block_size, height)
-    num_blocks = -(-height // block_size)
-    pad = num_blocks * block_size - height
-    table_h, table_w = _tables(rel_h, rel_w, q.dtype)
-    q_blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-    q_blocks = q_blocks.reshape(batch, num_blocks, block_size, width, heads, depth)
-    q_blocks = jnp.moveaxis(q_blocks, 1, 0)  # blocks, B, block, W, N, d
+def _backward_block(q, k, v, table_h, table_w, d_out, delta, lse):
+    """Gradients of one block: dq ``[B, R, W, N, d]`` and this block's parts of dk, dv, d table_h, d table_w.
+
+    ``delta [B, N, R, W]`` is ``sum(d_out * out)`` per query, ``lse`` the forward log-sum-exp.
+    """
+    weights = jnp.exp(_block_logits(q, k, table_h, table_w) - lse[..., None])  # B, N, R, W, HW
+    d_weights = jnp.einsum("bxyne,btne->bnxyt", d_out, _flat(v), preferred_element_type=_F32)
+    d_logits = weights * (d_weights - delta[..., None])  # softmax backward
+    d_logits_in = d_logits.astype(q.dtype)
+    d_q = jnp.einsum("bnxyt,btnd->bxynd", d_logits_in, _flat(k), preferred_element_type=_F32)
+    d_k = jnp.einsum("bnxyt,bxynd->btnd", d_logits_in, q, preferred_element_type=_F32).reshape(k.shape)
+    d_v = jnp.einsum("bnxyt,bxyne->btne", weights.astype(v.dtype), d_out, preferred_element_type=_F32)
+    d_v = d_v.reshape(v.shape)
+    if table_h is None:
+        return d_q, d_k, d_v, None, None
+    d_logits = d_logits.reshape(*d_logits.shape[:-1], *k.shape[1:3])  # B, N, R, W, H, W
+    d_h = jnp.sum(d_logits, axis=-1).astype(q.dtype)  # B, N, R, W, H
+    d_w = jnp.sum(d_logits, axis=-2).astype(q.dtype)  # B, N, R, W, W
+    d_q += jnp.einsum("bnxyz,xzd->bxynd", d_h, table_h, preferred_element_type=_F32)
+    d_q += jnp.einsum("bnxyw,ywd->bxynd", d_w, table_w, preferred_element_type=_F32)
+    d_table_h = jnp.einsum("bnxyz,bxynd->xzd", d_h, q, preferred_element_type=_F32)
+    d_table_w = jnp.einsum("bnxyw,bxynd->ywd", d_w, q, preferred_element_type=_F32)
+    return d_q, d_k, d_v, d_table_h, d_table_w
+
+
+def _to_blocks(x, block_size, axis):
+    """Pad ``axis`` to a multiple of ``block_size`` and move the blocks to a new leading axis."""
+    pad = -x.shape[axis] % block_size
+    x = jnp.pad(x, [(0, pad if i == axis else 0) for i in range(x.ndim)])
+    x = x.reshape(*x.shape[:axis], -1, block_size, *x.shape[axis + 1 :])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _from_blocks(x, axis, length):
+    """Inverse of :func:`_to_blocks`: merge the leading block axis back into ``axis``, unpadded."""
+    x = jnp.moveaxis(x, 0, axis)
+    x = x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
+    return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, table_h, table_w, block_size):
+    return _attention_fwd(q, k, v, table_h, table_w, block_size)[0]
+
+
+def _attention_fwd(q, k, v, table_h, table_w, block_size):
+    height = q.shape[1]
+    blocks = (_to_blocks(q, block_size, 1), None if table_h is None else _to_blocks(table_h, block_size, 0))
+    _, (out, lse) = jax.lax.scan(lambda _, xs: (None, _forward_block(*xs[:1], k, v, xs[1], table_w)), None, blocks)
+    out = _from_blocks(out, 1, height).astype(v.dtype)  # B, H, W, N, dv
+    return out, (q, k, v, table_h, table_w, out, lse)
+
+
+def _attention_bwd(block_size, residuals, d_out):
+    q, k, v, table_h, table_w, out, lse = residuals
+    height = q.shape[1]
+    delta = jnp.einsum("bxyne,bxyne->bnxy", d_out, out, preferred_element_type=_F32)
+    blocks = (
+        _to_blocks(q, block_size, 1),
+        None if table_h is None else _to_blocks(table_h, block_size, 0),
+        _to_blocks(d_out, block_size, 1),
+        _to_blocks(delta, block_size, 2),
+        lse,
+    )
+
+    def step(carry, xs):
+        q_block, table_h_block, d_out_block, delta_block, lse_block = xs
+        d_q, *parts = _backward_block(q_block, k, v, table_h_block, table_w, d_out_block, delta_block, lse_block)
+        d_k, d_v, d_table_h, d_table_w = parts
+        carry = jax.tree.map(jnp.add, carry, (d_k, d_v, d_table_w))
+        return carry, (d_q, d_table_h)
+
+    zeros = (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32), None if table_w is None else jnp.zeros(table_w.shape, _F32))
+    (d_k, d_v, d_table_w), (d_q, d_table_h) = jax.lax.scan(step, zeros, blocks)
+    d_q = _from_blocks(d_q, 1, height)
     if table_h is not None:
-        table_h = jnp.pad(table_h, ((0, pad), (0, 0), (0, 0)))
-        table_h = table_h.reshape(num_blocks, block_size, height, depth)  # blocks, block, H, d
+        d_table_h = _from_blocks(d_table_h, 0, height)
+    grads = (d_q, d_k, d_v, d_table_h, d_table_w)
+    return tuple(None if g is None else g.astype(x.dtype) for g, x in zip(grads, (q, k, v, table_h, table_w)))
 
-    @jax.checkpoint
-    def block(args):
-        q_block, table_h_block = args
-        return _attend(q_block, k, v, table_h_block, table_w)
 
-    out = jax.lax.map(block, (q_blocks, table_h))  # blocks, B, block, W, N, dv
-    out = jnp.moveaxis(out, 0, 1).reshape(batch, num_blocks * block_size, width, heads, -1)
-    return out[:, :height]
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def dense_logits_bytes(q_shape) -> int:
-    """Bytes of the float32 ``[B, N, HW, HW]`` logits the dense path materialises."""
+    """Bytes of the float32 ``[B, N, HW, HW]`` logits of the dense path."""
     batch, height, width, heads, _ = q_shape
     return 4 * batch * heads * (height * width) ** 2
-
-
-def default_block_size(q_shape, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES) -> int:
-    """Largest number of query rows whose float32 logits fit in ``memory_budget_bytes`` (at least 1)."""
-    row_bytes = dense_logits_bytes(q_shape) // q_shape[1]
-    return max(1, min(q_shape[1], memory_budget_bytes // row_bytes))
 
 
 def self_attention_2d(
@@ -126,8 +189,8 @@ def self_attention_2d(
         both None for plain content-only attention.
       implementation: ``"dense"``, ``"blockwise"`` or None (dense if its float32 logits fit in
         ``memory_budget_bytes``, else blockwise).
-      block_size: query rows per block for the blockwise path; None fits the budget.
-      memory_budget_bytes: logits budget for the automatic choices.
+      block_size: query rows per block for the blockwise path; None: the most that fit the budget.
+      memory_budget_bytes: float32 logits allowed at once, for the automatic choices.
 
     Returns:
       ``[B, H, W, N, dv]`` in q's dtype: for each query pixel, the softmax over all H*W key
@@ -140,12 +203,17 @@ def self_attention_2d(
         raise ValueError(f"implementation={implementation!r} must be one of {IMPLEMENTATIONS} or None")
     if block_size is not None and block_size < 1:
         raise ValueError(f"block_size={block_size} must be >= 1")
-    if implementation is None:
-        fits = dense_logits_bytes(q.shape) <= memory_budget_bytes
-        implementation = "dense" if fits else "blockwise"
-    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    height = q.shape[1]
     if implementation == "dense":
-        out = _dense(q, k, v, rel_h, rel_w)
-    else:
-        out = _blockwise(q, k, v, rel_h, rel_w, block_size or default_block_size(q.shape, memory_budget_bytes))
-    return out.astype(q.dtype)
+        block_size = height
+    elif block_size is None:
+        row_bytes = dense_logits_bytes(q.shape) // height
+        block_size = max(1, min(height, memory_budget_bytes // row_bytes))
+        if implementation == "blockwise":
+            block_size = min(block_size, max(1, height // 2))  # blockwise means more than one block
+    block_size = min(block_size, height)
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    table_h = table_w = None
+    if rel_h is not None:
+        table_h, table_w = absolute_table(rel_h).astype(q.dtype), absolute_table(rel_w).astype(q.dtype)
+    return _attention(q, k, v.astype(q.dtype), table_h, table_w, block_size)

@@ -35,7 +35,7 @@ def rel_to_abs(x: jax.Array) -> jax.Array:
     """
     if x.ndim < 2 or x.shape[-1] != 2 * x.shape[-2] - 1:
         raise ValueError(f"rel_to_abs expects x of shape [..., L, 2L-1], got x.shape={x.shape}")
-    idx = jnp.broadcast_to(relative_index(x.shape[-2]), x.shape[:-1])
+    idx = jnp.broadcast_to(relative_index(x.shape[-2]), (*x.shape[:-1], x.shape[-2]))
     return jnp.take_along_axis(x, idx, axis=-1)
 
 

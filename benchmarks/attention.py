@@ -1,0 +1,174 @@
+"""Relative self-attention speed and memory: ``python -m benchmarks.attention [--quick]``.
+
+For each layer shape of the paper (CIFAR Wide-ResNet stages at 32/16/8, ImageNet ResNet-50
+stages at 56/28/14/7; 8 heads, 20 key dims per head) it times forward+backward of:
+  plain          content-only attention (no position logits), automatic path
+  dense          relative attention, every (HW)^2 logit at once, relative terms broadcast
+  blockwise      relative attention, query rows in blocks, rematerialised in the backward pass
+  auto           relative attention as the library runs it by default (implementation=None)
+  paper_port     a straightforward port of the paper's listing (tiled relative logits)
+and records median seconds, XLA temporary bytes, optionally the peak RSS of a fresh process,
+and the fraction of this machine's measured matmul FLOP/s. Every implementation is first
+checked against ``dense`` (outputs and gradients). ``--quick`` runs tiny shapes only (the
+agreement check, for CI) and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aacn_jax import functional as F
+from benchmarks import measure
+from benchmarks.paper_port import paper_port_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    height: int
+    width: int
+    heads: int = 8
+    key_depth: int = 20  # per head
+    value_depth: int = 2  # per head
+
+    def arrays(self, seed: int = 0):
+        keys = jax.random.split(jax.random.key(seed), 6)
+        b, h, w, n, dk, dv = (self.batch, self.height, self.width, self.heads, self.key_depth, self.value_depth)
+        normal = jax.random.normal
+        return (
+            normal(keys[0], (b, h, w, n, dk)),
+            normal(keys[1], (b, h, w, n, dk)),
+            normal(keys[2], (b, h, w, n, dv)),
+            normal(keys[3], (2 * h - 1, dk)) * dk**-0.5,
+            normal(keys[4], (2 * w - 1, dk)) * dk**-0.5,
+            normal(keys[5], (b, h, w, n, dv)),  # output cotangent
+        )
+
+    def forward_flops(self, relative: bool) -> int:
+        tokens = self.height * self.width
+        flops = 2 * self.batch * self.heads * tokens**2 * (self.key_depth + self.value_depth)
+        if relative:
+            flops += 2 * self.batch * self.heads * tokens * (self.height + self.width) * self.key_depth
+        return flops
+
+
+# dv per head follows AA-WRN-28-10 (dv = 16/32/64 over 8 heads) and AA-ResNet-50 (8/16/24/48).
+PAPER_SHAPES = (
+    Shape("wrn_32x32", 8, 32, 32, value_depth=2),
+    Shape("wrn_16x16", 32, 16, 16, value_depth=4),
+    Shape("wrn_8x8", 128, 8, 8, value_depth=8),
+    Shape("r50_56x56", 1, 56, 56, value_depth=1),
+    Shape("r50_28x28", 8, 28, 28, value_depth=2),
+    Shape("r50_14x14", 32, 14, 14, value_depth=3),
+    Shape("r50_7x7", 128, 7, 7, value_depth=6),
+)
+QUICK_SHAPES = (Shape("quick_8x8", 2, 8, 8, heads=2, key_depth=4), Shape("quick_5x7", 2, 5, 7, heads=3, value_depth=3))
+
+
+IMPLEMENTATIONS = {
+    "plain": lambda q, k, v, rel_h, rel_w: F.self_attention_2d(q, k, v),
+    "dense": lambda *a: F.self_attention_2d(*a, implementation="dense"),
+    "blockwise": lambda *a: F.self_attention_2d(*a, implementation="blockwise"),
+    "auto": lambda *a: F.self_attention_2d(*a),
+    "paper_port": paper_port_attention,
+}
+RELATIVE = ("dense", "blockwise", "auto", "paper_port")
+
+
+def forward_backward(name: str):
+    """Jitted ``(q, k, v, rel_h, rel_w, cotangent) -> (output, gradients)`` of one implementation."""
+    attention = IMPLEMENTATIONS[name]
+
+    def run(q, k, v, rel_h, rel_w, cotangent):
+        out, vjp = jax.vjp(attention, q, k, v, rel_h, rel_w)
+        return out, vjp(cotangent)
+
+    return jax.jit(run)
+
+
+def check_agreement(shape: Shape, names) -> None:
+    """Outputs and gradients of every implementation equal dense (plain ones: dense without tables)."""
+    args = shape.arrays()
+    want_rel = forward_backward("dense")(*args)
+    want_plain = forward_backward("plain")(*args)
+    for name in names:
+        want = want_rel if name in RELATIVE else want_plain
+        got = forward_backward(name)(*args)
+        for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(got_leaf, want_leaf, rtol=2e-4, atol=2e-4, err_msg=f"{name} at {shape}")
+
+
+def measure_one(shape: Shape, name: str, peak_flops: float) -> dict:
+    args = shape.arrays()
+    fn = forward_backward(name)
+    seconds = measure.median_seconds(fn, *args, repeats=5, min_seconds=0.5)
+    flops = 3 * shape.forward_flops(relative=name in RELATIVE)  # backward ~ 2x forward
+    return {
+        "shape": dataclasses.asdict(shape),
+        "implementation": name,
+        "seconds": seconds,
+        "temp_bytes": measure.compiled_temp_bytes(fn, *args),
+        "flops": flops,
+        "flops_fraction": flops / seconds / peak_flops,
+    }
+
+
+def _one_process_rss(shape: Shape, name: str) -> int:
+    """Peak RSS of a fresh process that runs one forward+backward of this case."""
+    return measure.peak_rss_bytes_in_subprocess("benchmarks.attention", "--rss_case", json.dumps([dataclasses.asdict(shape), name]))
+
+
+def _format(rows) -> str:
+    lines = [f"{'shape':<12}{'impl':<12}{'ms':>10}{'temp MiB':>11}{'RSS MiB':>10}{'FLOP frac':>11}"]
+    for r in rows:
+        rss = f"{r['rss_bytes'] / 2**20:10.0f}" if "rss_bytes" in r else f"{'-':>10}"
+        lines.append(
+            f"{r['shape']['name']:<12}{r['implementation']:<12}{1e3 * r['seconds']:10.2f}"
+            f"{r['temp_bytes'] / 2**20:11.1f}{rss}{r['flops_fraction']:11.3f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, agreement check only, writes nothing")
+    parser.add_argument("--no_rss", action="store_true", help="skip the per-case fresh-process RSS measurement")
+    parser.add_argument("--shapes", nargs="*", help="names of paper shapes to run (default: all)")
+    parser.add_argument("--rss_case", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.rss_case:  # child process of _one_process_rss
+        shape, name = json.loads(args.rss_case)
+        jax.block_until_ready(forward_backward(name)(*Shape(**shape).arrays()))
+        return
+    shapes = QUICK_SHAPES if args.quick else [s for s in PAPER_SHAPES if not args.shapes or s.name in args.shapes]
+    for shape in shapes:
+        check_agreement(shape, IMPLEMENTATIONS)
+    print(f"agreement: all {len(IMPLEMENTATIONS)} implementations match dense on {len(shapes)} shapes", flush=True)
+    if args.quick:
+        return
+    peak = measure.matmul_flops_per_second()
+    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    rows = []
+    for shape in shapes:
+        for name in IMPLEMENTATIONS:
+            row = measure_one(shape, name, peak)
+            if not args.no_rss:
+                row["rss_bytes"] = _one_process_rss(shape, name)
+            rows.append(row)
+            print(_format([row]).splitlines()[1], flush=True)
+    path = measure.write_results("attention", {"matmul_flops_per_second": peak, "rows": rows})
+    print(_format(rows))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,84 @@
+"""Timing, memory and machine facts shared by the benchmarks.
+
+Times are medians of repeated calls after compilation (``block_until_ready`` on every call).
+Memory is XLA's compiled memory analysis (temporaries the program needs besides its arguments
+and outputs) and, where asked, the peak resident set size of a fresh process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def median_seconds(fn: Callable, *args, repeats: int = 5, min_seconds: float = 0.0) -> float:
+    """Median wall time of ``fn(*args)`` over ``repeats`` calls after one warm-up (compile) call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    while len(times) < repeats or sum(times) < min_seconds:
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compiled_temp_bytes(jitted: Callable, *args) -> int:
+    """Bytes of temporaries XLA allocates for one call of ``jitted(*args)``."""
+    return int(jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes)
+
+
+def matmul_flops_per_second(size: int = 1024, dtype=jnp.float32) -> float:
+    """This machine's measured float32 matmul FLOP/s (2 * n^3 per product of two n x n matrices)."""
+    a = jnp.ones((size, size), dtype)
+    seconds = median_seconds(jax.jit(jnp.matmul), a, a, repeats=10, min_seconds=1.0)
+    return 2 * size**3 / seconds
+
+
+def machine_info() -> dict:
+    device = jax.devices()[0]
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+    }
+
+
+def peak_rss_bytes_in_subprocess(module: str, *args: str) -> int:
+    """Run ``python -m module args`` in a fresh process; return its peak RSS (Linux ru_maxrss)."""
+    code = (
+        f"import resource, runpy, sys; sys.argv = {[module, *args]!r}; "
+        f"runpy.run_module({module!r}, run_name='__main__'); "
+        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return 1024 * int(out.rsplit("RSS", 1)[1])
+
+
+def self_peak_rss_bytes() -> int:
+    return 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def write_results(name: str, payload: dict) -> pathlib.Path:
+    """Write ``payload`` plus machine info to ``benchmarks/results/<name>-<platform>.json``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    path = RESULTS / f"{name}-{info['platform']}.json"
+    path.write_text(json.dumps({"machine": info, **payload}, indent=1) + "\n")
+    return path
