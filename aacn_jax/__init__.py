@@ -4,7 +4,7 @@ Bello, Zoph, Vaswani, Shlens, Le. "Attention Augmented Convolutional Networks", 
 arXiv:1904.09925.
 """
 
-from aacn_jax import functional
+from aacn_jax import functional, models
 from aacn_jax.functional import rel_to_abs, relative_logits, self_attention_2d
 from aacn_jax.layers import (
     POSITIONS,
@@ -25,6 +25,7 @@ __all__ = [
     "SqueezeExcite",
     "attention_depths",
     "functional",
+    "models",
     "rel_to_abs",
     "relative_logits",
     "self_attention_2d",

@@ -21,7 +21,6 @@ import json
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from aacn_jax import functional as F
@@ -41,7 +40,14 @@ class Shape:
 
     def arrays(self, seed: int = 0):
         keys = jax.random.split(jax.random.key(seed), 6)
-        b, h, w, n, dk, dv = (self.batch, self.height, self.width, self.heads, self.key_depth, self.value_depth)
+        b, h, w, n, dk, dv = (
+            self.batch,
+            self.height,
+            self.width,
+            self.heads,
+            self.key_depth,
+            self.value_depth,
+        )
         normal = jax.random.normal
         return (
             normal(keys[0], (b, h, w, n, dk)),
@@ -70,7 +76,10 @@ PAPER_SHAPES = (
     Shape("r50_14x14", 32, 14, 14, value_depth=3),
     Shape("r50_7x7", 128, 7, 7, value_depth=6),
 )
-QUICK_SHAPES = (Shape("quick_8x8", 2, 8, 8, heads=2, key_depth=4), Shape("quick_5x7", 2, 5, 7, heads=3, value_depth=3))
+QUICK_SHAPES = (
+    Shape("quick_8x8", 2, 8, 8, heads=2, key_depth=4),
+    Shape("quick_5x7", 2, 5, 7, heads=3, value_depth=3),
+)
 
 
 IMPLEMENTATIONS = {
@@ -103,7 +112,9 @@ def check_agreement(shape: Shape, names) -> None:
         want = want_rel if name in RELATIVE else want_plain
         got = forward_backward(name)(*args)
         for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-            np.testing.assert_allclose(got_leaf, want_leaf, rtol=2e-4, atol=2e-4, err_msg=f"{name} at {shape}")
+            np.testing.assert_allclose(
+                got_leaf, want_leaf, rtol=2e-4, atol=2e-4, err_msg=f"{name} at {shape}"
+            )
 
 
 def measure_one(shape: Shape, name: str, peak_flops: float) -> dict:
@@ -123,7 +134,9 @@ def measure_one(shape: Shape, name: str, peak_flops: float) -> dict:
 
 def _one_process_rss(shape: Shape, name: str) -> int:
     """Peak RSS of a fresh process that runs one forward+backward of this case."""
-    return measure.peak_rss_bytes_in_subprocess("benchmarks.attention", "--rss_case", json.dumps([dataclasses.asdict(shape), name]))
+    return measure.peak_rss_bytes_in_subprocess(
+        "benchmarks.attention", "--rss_case", json.dumps([dataclasses.asdict(shape), name])
+    )
 
 
 def _format(rows) -> str:
@@ -138,9 +151,15 @@ def _format(rows) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, agreement check only, writes nothing")
-    parser.add_argument("--no_rss", action="store_true", help="skip the per-case fresh-process RSS measurement")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny shapes, agreement check only, writes nothing"
+    )
+    parser.add_argument(
+        "--no_rss", action="store_true", help="skip the per-case fresh-process RSS measurement"
+    )
     parser.add_argument("--shapes", nargs="*", help="names of paper shapes to run (default: all)")
     parser.add_argument("--rss_case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -149,10 +168,15 @@ def main(argv=None) -> None:
         shape, name = json.loads(args.rss_case)
         jax.block_until_ready(forward_backward(name)(*Shape(**shape).arrays()))
         return
-    shapes = QUICK_SHAPES if args.quick else [s for s in PAPER_SHAPES if not args.shapes or s.name in args.shapes]
+    shapes = (
+        QUICK_SHAPES if args.quick else [s for s in PAPER_SHAPES if not args.shapes or s.name in args.shapes]
+    )
     for shape in shapes:
         check_agreement(shape, IMPLEMENTATIONS)
-    print(f"agreement: all {len(IMPLEMENTATIONS)} implementations match dense on {len(shapes)} shapes", flush=True)
+    print(
+        f"agreement: all {len(IMPLEMENTATIONS)} implementations match dense on {len(shapes)} shapes",
+        flush=True,
+    )
     if args.quick:
         return
     peak = measure.matmul_flops_per_second()

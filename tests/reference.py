@@ -21,7 +21,7 @@ def rel_to_abs_ref(x):
     x = _f64(x)
     L = x.shape[-2]
     assert x.shape[-1] == 2 * L - 1, x.shape
-    out = np.zeros(x.shape[:-1] + (L,), dtype=np.float64)
+    out = np.zeros((*x.shape[:-1], L), dtype=np.float64)
     for i in range(L):
         for j in range(L):
             out[..., i, j] = x[..., i, j - i + L - 1]
@@ -67,7 +67,7 @@ def self_attention_2d_ref(q, k, v, rel_h=None, rel_w=None):
     assert v.shape[:-1] == q.shape[:-1], (v.shape, q.shape)
     if (rel_h is None) != (rel_w is None):
         raise ValueError("rel_h and rel_w must both be given or both be None")
-    qs = q * dk ** -0.5
+    qs = q * dk**-0.5
     rel = None
     if rel_h is not None:
         rel = relative_logits_ref(qs, rel_h, rel_w)

@@ -114,9 +114,9 @@ def _shapes(draw, max_hw=5):
 @pytest.mark.parametrize("lead", [(), (3,), (2, 3)])
 def test_rel_to_abs_matches_reference(L, lead):
     rng = np.random.default_rng(100 + L)
-    x = _normal(rng, lead + (L, 2 * L - 1))
+    x = _normal(rng, (*lead, L, 2 * L - 1))
     out = F.rel_to_abs(jnp.asarray(x))
-    assert out.shape == lead + (L, L)
+    assert out.shape == (*lead, L, L)
     # pure gather: must be exact
     np.testing.assert_array_equal(np.asarray(out, np.float64), rel_to_abs_ref(x))
 
@@ -185,14 +185,12 @@ def test_relative_logits_height_and_width_roles():
 
 
 def test_relative_logits_is_not_scaled():
-    rng = np.random.default_rng(220)
     q = np.ones((1, 2, 2, 1, 4), np.float32)
     rel_h = np.ones((3, 4), np.float32)
     rel_w = np.zeros((3, 4), np.float32)
     out = np.asarray(F.relative_logits(q, rel_h, rel_w))
     # q·rel_h = 4 for every entry; any d**-0.5 scaling would give 2.
     np.testing.assert_allclose(out, 4.0, rtol=0, atol=1e-6)
-    del rng
 
 
 def test_relative_logits_under_jit():
@@ -398,7 +396,7 @@ def test_spatial_transpose_equivariance(impl):
     q, k, v = _qkv(rng, B, H, W, N, dk, dv)
     rel_h, rel_w = _rel(rng, H, W, dk)
     out = np.asarray(_attn(impl, q, k, v, rel_h, rel_w), np.float64)
-    t = lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2))  # noqa: E731
+    t = lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2))
     out_t = np.asarray(_attn(impl, t(q), t(k), t(v), rel_w, rel_h), np.float64)
     _assert_close(out_t, t(out))
 
@@ -452,7 +450,8 @@ def test_vmap_matches_loop(impl, use_rel):
         ref = [self_attention_2d_ref(q[e], k[e], v[e]) for e in range(E)]
     out = np.asarray(fn(q, k, v))
     assert out.shape == (E, B, H, W, N, dv)
-    loop = np.stack([np.asarray(_attn(impl, q[e], k[e], v[e], *((rel_h, rel_w) if use_rel else ()))) for e in range(E)])
+    rel = (rel_h, rel_w) if use_rel else ()
+    loop = np.stack([np.asarray(_attn(impl, q[e], k[e], v[e], *rel)) for e in range(E)])
     np.testing.assert_allclose(out, loop, rtol=1e-5, atol=1e-6)
     _assert_close(out, np.stack(ref))
 
@@ -492,8 +491,8 @@ def test_gradients_check_grads(impl, use_rel):
     with _x64():
         args = tuple(jnp.asarray(a, jnp.float64) for a in (q, k, v))
         if use_rel:
-            args = args + (jnp.asarray(rel_h, jnp.float64), jnp.asarray(rel_w, jnp.float64))
-        fn = lambda *a: _attn(impl, *a)  # noqa: E731
+            args = (*args, jnp.asarray(rel_h, jnp.float64), jnp.asarray(rel_w, jnp.float64))
+        fn = lambda *a: _attn(impl, *a)
         check_grads(fn, args, order=1, modes=["rev"], eps=1e-3, atol=5e-3, rtol=5e-3)
 
 
@@ -504,9 +503,9 @@ def test_gradients_are_nonzero_for_every_input(impl):
     q, k, v = _qkv(rng, B, H, W, N, dk, dv)
     rel_h, rel_w = _rel(rng, H, W, dk)
     w = _normal(rng, (B, H, W, N, dv))
-    loss = lambda *a: jnp.sum(_attn(impl, *a) * w)  # noqa: E731
+    loss = lambda *a: jnp.sum(_attn(impl, *a) * w)
     grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, rel_h, rel_w)
-    for name, g, a in zip(("q", "k", "v", "rel_h", "rel_w"), grads, (q, k, v, rel_h, rel_w)):
+    for name, g, a in zip(("q", "k", "v", "rel_h", "rel_w"), grads, (q, k, v, rel_h, rel_w), strict=True):
         assert g.shape == a.shape, name
         assert np.all(np.isfinite(np.asarray(g))), name
         assert np.abs(np.asarray(g)).max() > 1e-4, name
@@ -523,13 +522,13 @@ def test_bfloat16_inputs(impl, use_rel):
     B, H, W, N, dk, dv = 1, 3, 4, 2, 4, 3
     q, k, v = _qkv(rng, B, H, W, N, dk, dv)
     rel = _rel(rng, H, W, dk) if use_rel else (None, None)
-    bf = lambda a: None if a is None else jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+    bf = lambda a: None if a is None else jnp.asarray(a, jnp.bfloat16)
     out = _attn(impl, bf(q), bf(k), bf(v), *(bf(r) for r in rel))
     assert out.dtype == jnp.bfloat16
     out = np.asarray(out.astype(jnp.float32), np.float64)
     assert np.all(np.isfinite(out))
     # reference on the bf16-rounded inputs
-    rd = lambda a: None if a is None else np.asarray(bf(a).astype(jnp.float32))  # noqa: E731
+    rd = lambda a: None if a is None else np.asarray(bf(a).astype(jnp.float32))
     ref = self_attention_2d_ref(rd(q), rd(k), rd(v), rd(rel[0]), rd(rel[1]))
     np.testing.assert_allclose(out, ref, rtol=0, atol=3e-2)
     # also close to the float32 reference on the unrounded inputs

@@ -24,7 +24,6 @@ def _conv1x1_ref(x, params):
 
 def _self_attention_ref(x, params, dk, dv, heads, relative=True):
     """SelfAttention2D from the paper: 1x1 qkv, split heads, attend per head, concat, 1x1 W^O."""
-    b, h, w, _ = x.shape
     qkv = _conv1x1_ref(x, params["qkv"])
     q, k, v = qkv[..., :dk], qkv[..., dk : 2 * dk], qkv[..., 2 * dk :]
     heads_out = []
@@ -33,9 +32,10 @@ def _self_attention_ref(x, params, dk, dv, heads, relative=True):
         sl_v = slice(n * dv // heads, (n + 1) * dv // heads)
         tables = (params["rel_h"], params["rel_w"]) if relative else (None, None)
         out = self_attention_2d_ref(
-            q[..., None, sl_k], k[..., None, sl_k], v[..., None, sl_v], *[
-                None if t is None else np.asarray(t, np.float64) for t in tables
-            ]
+            q[..., None, sl_k],
+            k[..., None, sl_k],
+            v[..., None, sl_v],
+            *[None if t is None else np.asarray(t, np.float64) for t in tables],
         )
         heads_out.append(out[..., 0, :])
     return _conv1x1_ref(np.concatenate(heads_out, axis=-1), params["out"])
@@ -98,7 +98,13 @@ def test_sinusoidal_position_adds_its_channels_to_the_attention_input():
 
 @pytest.mark.parametrize(
     ("size", "strides", "out_size"),
-    [((8, 8), 1, (8, 8)), ((8, 8), 2, (4, 4)), ((7, 9), 2, (4, 5)), ((5, 6), (2, 1), (3, 6)), ((1, 3), 1, (1, 3))],
+    [
+        ((8, 8), 1, (8, 8)),
+        ((8, 8), 2, (4, 4)),
+        ((7, 9), 2, (4, 5)),
+        ((5, 6), (2, 1), (3, 6)),
+        ((1, 3), 1, (1, 3)),
+    ],
 )
 def test_augmented_conv_output_shapes(size, strides, out_size):
     layer = A.AugmentedConv(12, (3, 3), strides, dk=8, dv=4, num_heads=2)
@@ -233,7 +239,12 @@ def test_bad_configuration_names_the_argument(kwargs, message):
 
 @pytest.mark.parametrize(
     "layer",
-    [A.SelfAttention2D(4, 4, 2), A.AugmentedConv(8, 3, dk=4, dv=4, num_heads=2), A.SqueezeExcite(), A.GatherExcite()],
+    [
+        A.SelfAttention2D(4, 4, 2),
+        A.AugmentedConv(8, 3, dk=4, dv=4, num_heads=2),
+        A.SqueezeExcite(),
+        A.GatherExcite(),
+    ],
 )
 def test_non_4d_input_is_rejected(layer):
     with pytest.raises(ValueError, match="4-D NHWC input"):

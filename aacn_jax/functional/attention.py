@@ -127,7 +127,12 @@ def _attention(q, k, v, table_h, table_w, block_size):
 def _attention_fwd(q, k, v, table_h, table_w, block_size):
     height = q.shape[1]
     blocks = (_to_blocks(q, block_size, 1), None if table_h is None else _to_blocks(table_h, block_size, 0))
-    _, (out, lse) = jax.lax.scan(lambda _, xs: (None, _forward_block(*xs[:1], k, v, xs[1], table_w)), None, blocks)
+
+    def step(_, xs):
+        q_block, table_h_block = xs
+        return None, _forward_block(q_block, k, v, table_h_block, table_w)
+
+    _, (out, lse) = jax.lax.scan(step, None, blocks)  # blocks, B, rows, W, N, dv and blocks, B, N, rows, W
     out = _from_blocks(out, 1, height).astype(v.dtype)  # B, H, W, N, dv
     return out, (q, k, v, table_h, table_w, out, lse)
 
@@ -146,18 +151,23 @@ def _attention_bwd(block_size, residuals, d_out):
 
     def step(carry, xs):
         q_block, table_h_block, d_out_block, delta_block, lse_block = xs
-        d_q, *parts = _backward_block(q_block, k, v, table_h_block, table_w, d_out_block, delta_block, lse_block)
-        d_k, d_v, d_table_h, d_table_w = parts
+        d_q, d_k, d_v, d_table_h, d_table_w = _backward_block(
+            q_block, k, v, table_h_block, table_w, d_out_block, delta_block, lse_block
+        )
         carry = jax.tree.map(jnp.add, carry, (d_k, d_v, d_table_w))
         return carry, (d_q, d_table_h)
 
-    zeros = (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32), None if table_w is None else jnp.zeros(table_w.shape, _F32))
+    zeros = (
+        jnp.zeros(k.shape, _F32),
+        jnp.zeros(v.shape, _F32),
+        None if table_w is None else jnp.zeros(table_w.shape, _F32),
+    )
     (d_k, d_v, d_table_w), (d_q, d_table_h) = jax.lax.scan(step, zeros, blocks)
     d_q = _from_blocks(d_q, 1, height)
     if table_h is not None:
         d_table_h = _from_blocks(d_table_h, 0, height)
-    grads = (d_q, d_k, d_v, d_table_h, d_table_w)
-    return tuple(None if g is None else g.astype(x.dtype) for g, x in zip(grads, (q, k, v, table_h, table_w)))
+    grads = zip((d_q, d_k, d_v, d_table_h, d_table_w), (q, k, v, table_h, table_w), strict=True)
+    return tuple(None if g is None else g.astype(x.dtype) for g, x in grads)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "relative_index",
-    "rel_to_abs",
     "absolute_table",
-    "relative_logits",
+    "rel_to_abs",
+    "relative_index",
     "relative_logit_factors",
+    "relative_logits",
     "resize_relative_table",
 ]
 
@@ -45,7 +45,7 @@ def absolute_table(rel: jax.Array) -> jax.Array:
 
 
 def check_tables(q: jax.Array, rel_h: jax.Array, rel_w: jax.Array) -> None:
-    """Raise ValueError unless ``rel_h`` is ``[2H-1, d]`` and ``rel_w`` is ``[2W-1, d]`` for ``q [B, H, W, N, d]``."""
+    """Raise ValueError unless, for ``q [B, H, W, N, d]``, rel_h is ``[2H-1, d]`` and rel_w ``[2W-1, d]``."""
     if q.ndim != 5:
         raise ValueError(f"q must be 5-D [B, H, W, heads, depth], got q.shape={q.shape}")
     _, height, width, _, depth = q.shape

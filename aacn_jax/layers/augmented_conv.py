@@ -60,7 +60,9 @@ def attention_depths(
     dk = max(round_to_heads(kappa * features), min_key_depth_per_head * num_heads)
     dv = min(round_to_heads(upsilon * features), features - features % num_heads)
     if dv < 1:
-        raise ValueError(f"num_heads={num_heads} must be <= features={features} to fit one value channel per head")
+        raise ValueError(
+            f"num_heads={num_heads} must be <= features={features} to fit one value channel per head"
+        )
     return dk, dv
 
 

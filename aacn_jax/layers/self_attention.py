@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from aacn_jax import functional as F
 
-__all__ = ["SelfAttention2D", "POSITIONS"]
+__all__ = ["POSITIONS", "SelfAttention2D"]
 
 POSITIONS = ("relative", "none", "sinusoidal", "coordconv")
 
@@ -117,7 +117,11 @@ class SelfAttention2D(nn.Module):
             rel_h = self._relative_table("rel_h", height).astype(q.dtype)
             rel_w = self._relative_table("rel_w", width).astype(q.dtype)
         out = F.self_attention_2d(
-            q, k, v, rel_h, rel_w,
+            q,
+            k,
+            v,
+            rel_h,
+            rel_w,
             implementation=self.implementation,
             memory_budget_bytes=self.memory_budget_bytes,
         )  # B, H, W, N, dvh

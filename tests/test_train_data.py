@@ -1,0 +1,144 @@
+"""Input pipelines: CIFAR tarballs in the official format, downloads, ImageFolder trees, digits, and
+the determinism, shuffling and padding of the grain streams. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import train_helpers as helpers
+from train import input_pipeline
+
+CIFAR_URL = {
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+}
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_tarball_in_the_official_format_loads(tmp_path, name):
+    (train_x, train_y), (test_x, test_y) = helpers.write_cifar_tarball(
+        tmp_path, name, np.random.default_rng(0)
+    )
+    config = helpers.tiny_config({"dataset": name, "data_dir": str(tmp_path), "download": False})
+    data = input_pipeline.create_dataset(config)
+    assert data.num_classes == (10 if name == "cifar10" else 100)
+    assert data.image_shape == (32, 32, 3)
+    assert len(data.train) == len(train_y) and len(data.test) == len(test_y)
+    for source, images, labels in ((data.train, train_x, train_y), (data.test, test_x, test_y)):
+        for i in range(len(labels)):
+            np.testing.assert_array_equal(source[i]["image"], images[i])
+            assert source[i]["label"] == labels[i]
+    # Test images are only normalised; training images are a shifted, maybe flipped, crop.
+    image = test_x[0].astype(np.float32)
+    record = data.test_transform(data.test[0])
+    mean, std = np.float32(input_pipeline.CIFAR_MEAN), np.float32(input_pipeline.CIFAR_STD)
+    np.testing.assert_allclose(record["image"] * std + mean, image, atol=1e-4)
+    augmented = data.train_transform(data.test[0], np.random.default_rng(3))["image"] * std + mean
+    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+    crops = [
+        crop[:, ::-1] if flip else crop
+        for top in range(9)
+        for left in range(9)
+        for crop in [padded[top : top + 32, left : left + 32]]
+        for flip in (False, True)
+    ]
+    assert any(np.allclose(augmented, crop, atol=1e-3) for crop in crops)
+    assert not np.allclose(augmented, image, atol=1e-3)  # this rng does move the image
+
+
+def test_download_checks_md5_and_offline_errors_name_file_and_url(tmp_path, monkeypatch):
+    url, archive = CIFAR_URL["cifar10"], tmp_path / "cifar-10-python.tar.gz"
+
+    def offline(url, filename):
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
+    with pytest.raises(FileNotFoundError, match=rf"{archive} not found and downloading failed.*{url}"):
+        input_pipeline.fetch(str(tmp_path), url, "0" * 32, download=True)
+
+    def serve(url, filename):
+        with open(filename, "wb") as f:
+            f.write(b"payload")
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", serve)
+    with pytest.raises(ValueError, match=r"downloaded with md5 .*expected 0{32}"):
+        input_pipeline.fetch(str(tmp_path), url, "0" * 32, download=True)
+    assert list(tmp_path.iterdir()) == []  # nothing half-downloaded is left behind
+    md5 = hashlib.md5(b"payload").hexdigest()
+    assert input_pipeline.fetch(str(tmp_path), url, md5, download=True) == str(archive)
+    assert archive.read_bytes() == b"payload"
+
+
+def _indexed_dataset(count: int) -> input_pipeline.Dataset:
+    """Records whose image and label are their index."""
+    source = input_pipeline.ArraySource(
+        np.arange(count, dtype=np.uint8)[:, None, None, None], np.arange(count)
+    )
+    identity = functools.partial(input_pipeline.normalize, mean=(0.0,), std=(1.0,))
+    return input_pipeline.Dataset(
+        source,
+        source,
+        num_classes=count,
+        image_shape=(1, 1, 1),
+        train_transform=functools.partial(input_pipeline.without_augmentation, transform=identity),
+        test_transform=identity,
+    )
+
+
+def test_training_stream_is_reshuffled_each_epoch_and_deterministic_given_the_seed():
+    data = _indexed_dataset(10)
+
+    def labels(seed, batches=10):
+        iterator = input_pipeline.train_iterator(data, batch_size=2, seed=seed)
+        return np.concatenate([next(iterator)["label"] for _ in range(batches)])
+
+    first = labels(seed=0)
+    assert sorted(first[:10]) == sorted(first[10:]) == list(range(10))  # each epoch sees every record once
+    assert list(first[:10]) != list(first[10:])
+    np.testing.assert_array_equal(labels(seed=0), first)
+    assert list(labels(seed=1)) != list(first)
+
+
+def test_test_batches_cover_every_record_once_with_padding_masked():
+    batches = list(input_pipeline.test_batches(_indexed_dataset(10), batch_size=4))
+    assert [len(b["label"]) for b in batches] == [4, 4, 4]  # 10 records padded to 12
+    mask = np.concatenate([b["mask"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])
+    assert sorted(labels[mask == 1]) == list(range(10))
+    assert mask.sum() == 10
+
+
+def test_digits_split_is_fixed_and_stratified():
+    data = input_pipeline.digits()
+    assert (len(data.train), len(data.test), data.num_classes, data.image_shape) == (1437, 360, 10, (8, 8, 1))
+    test_labels = [data.test[i]["label"] for i in range(len(data.test))]
+    assert np.bincount(test_labels).min() >= 35  # about 36 of each class
+    np.testing.assert_array_equal(input_pipeline.digits().test.images, data.test.images)
+
+
+def test_imagenet_folder_tree_is_decoded_cropped_and_labelled(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name, size in (("n01", (40, 30)), ("n02", (24, 50))):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(2):
+                pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.JPEG")
+    config = helpers.tiny_config({"dataset": "imagenet", "data_dir": str(tmp_path), "image_size": 16})
+    data = input_pipeline.create_dataset(config)
+    assert (data.num_classes, data.image_shape, len(data.train), len(data.test)) == (2, (16, 16, 3), 4, 4)
+    assert [data.train[i]["label"] for i in range(4)] == [0, 0, 1, 1]
+    batch = next(input_pipeline.train_iterator(data, batch_size=4, seed=0))
+    assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.float32
+    assert sorted(batch["label"]) == [0, 0, 1, 1]
+    again = next(input_pipeline.train_iterator(data, batch_size=4, seed=0))
+    np.testing.assert_array_equal(batch["image"], again["image"])
+    (test_batch,) = list(input_pipeline.test_batches(data, batch_size=4))
+    assert test_batch["image"].shape == (4, 16, 16, 3) and list(test_batch["mask"]) == [1, 1, 1, 1]

@@ -1,0 +1,114 @@
+"""Helpers for the training-script tests: a tiny config, CIFAR tarballs in the official format, and
+the worker of the two-process test (``python tests/train_helpers.py PORT PROCESS_ID WORKDIR``)."""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import pickle
+import sys
+import tarfile
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+# A tiny AA model on digits: global batch 8 (2 per simulated device), checkpoints at steps 2 and 4.
+TINY = {
+    "model_overrides.depth": 8,
+    "model_overrides.width": 8,
+    "batch_size": 8,
+    "base_batch_size": 8,
+    "num_train_steps": 4,
+    "log_every_steps": 1,
+    "eval_every_steps": 1000,
+    "checkpoint_every_steps": 2,
+    "max_checkpoints_to_keep": 10,
+}
+
+
+def tiny_config(overrides: dict | None = None):
+    """The default config with TINY and ``overrides`` (``{dotted key: value}``) applied."""
+    from train.configs import default
+
+    config = default.get_config()
+    config.update_from_flattened_dict({**TINY, **(overrides or {})})
+    return config
+
+
+def cli_flags(overrides: dict | None = None) -> list[str]:
+    """The command-line form of :func:`tiny_config`'s settings."""
+    return [f"--config.{key}={value}" for key, value in {**TINY, **(overrides or {})}.items()]
+
+
+def subprocess_env(device_count: int) -> dict[str, str]:
+    """Environment of a child JAX process on ``device_count`` CPU devices sharing the test compile cache."""
+    return {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={device_count}",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(REPO / ".cache" / "jax"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+        "PYTHONPATH": str(REPO),
+    }
+
+
+def flat_params(params) -> dict[str, np.ndarray]:
+    """``{path: this process's copy}`` of every (replicated) parameter."""
+    import jax
+
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return {jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0)) for path, leaf in leaves}
+
+
+def write_cifar_tarball(data_dir: pathlib.Path, name: str, rng: np.random.Generator):
+    """A small tarball in the official CIFAR python format; returns ``(train, test)`` as
+    ``(images [N, 32, 32, 3], labels [N])`` with the pixels where the format puts them."""
+    if name == "cifar10":
+        archive, folder, label_key = "cifar-10-python.tar.gz", "cifar-10-batches-py", b"labels"
+        members = {f"data_batch_{i}": 2 for i in range(1, 6)} | {"test_batch": 3}
+    else:
+        archive, folder, label_key = "cifar-100-python.tar.gz", "cifar-100-python", b"fine_labels"
+        members = {"train": 6, "test": 3}
+    arrays = {}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(data_dir / archive, "w:gz") as tar:
+        for member, count in members.items():
+            data = rng.integers(0, 256, size=(count, 3072), dtype=np.uint8)  # rows: R plane, G plane, B plane
+            labels = rng.integers(0, 10 if name == "cifar10" else 100, size=count).tolist()
+            batch = {b"batch_label": member.encode(), b"data": data, label_key: labels}
+            if name == "cifar100":
+                batch[b"coarse_labels"] = [label // 5 for label in labels]
+            payload = pickle.dumps(batch, protocol=2)
+            info = tarfile.TarInfo(f"{folder}/{member}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+            arrays[member] = (data.reshape(count, 3, 32, 32).transpose(0, 2, 3, 1), np.array(labels))
+    split = [k for k in arrays if k.startswith("test")]
+    train = [v for k, v in arrays.items() if k not in split]
+    return (
+        (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])),
+        arrays[split[0]],
+    )
+
+
+def two_process_worker(port: int, process_id: int, workdir: str) -> None:
+    """One of two processes (2 CPU devices each) training TINY on a 4-device global mesh."""
+    import jax
+
+    jax.distributed.initialize(
+        f"localhost:{port}", num_processes=2, process_id=process_id, initialization_timeout=120
+    )
+    from absl import logging
+
+    from train import train
+
+    logging.set_verbosity(logging.WARNING)
+    state = train.train_and_evaluate(tiny_config({"model": "resnet_cifar", "num_train_steps": 3}), workdir)
+    np.savez(os.path.join(workdir, f"params_{process_id}.npz"), **flat_params(state.params))
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    two_process_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

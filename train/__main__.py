@@ -1,0 +1,60 @@
+"""Entry point: ``python -m train [--config FILE] [--workdir DIR] [--config.<key>=VALUE ...] [--eval_only]``.
+
+With no arguments it trains the default config (an AA-ResNet on scikit-learn's digits) in
+``runs/digits``. Running the same command again resumes from the latest checkpoint;
+``--eval_only`` evaluates that checkpoint.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from train import train
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
+
+flags.DEFINE_string(
+    "workdir",
+    None,
+    "Checkpoints, metrics.jsonl and TensorBoard files. Default: runs/<config file name>, "
+    "runs/digits for the default config.",
+)
+flags.DEFINE_bool("eval_only", False, "Evaluate the latest checkpoint in --workdir and exit.")
+FLAGS = flags.FLAGS
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a clear message for an unknown ``--config.<key>``.
+
+    ml_collections reads the ``--config.<key>`` overrides while the config flag is defined (when
+    ``--config`` is not given) or parsed, and reports a key the config lacks as a bare
+    AttributeError or KeyError; both happen here.
+    """
+    try:
+        config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "A train/configs/*.py file.")
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as error:
+        reason = error  # an AttributeError wrapping a KeyError wrapping "'key'\nDid you mean ...?"
+        while isinstance(reason, (AttributeError, KeyError)) and reason.args:
+            reason = reason.args[0]
+        overrides = " ".join(arg for arg in argv if arg.lstrip("-").startswith("config."))
+        sys.exit(
+            f"FATAL Flags parsing error: unknown config key {reason} (in {overrides})\n"
+            "The keys are those set by get_config() of the config file (train/configs/default.py has all)."
+        )
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO; -v 0 shows it
+        logging.set_verbosity(logging.WARNING)
+    config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
+    workdir = FLAGS.workdir or os.path.join("runs", "digits" if config_name == "default" else config_name)
+    train.train_and_evaluate(FLAGS.config, workdir, eval_only=FLAGS.eval_only)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

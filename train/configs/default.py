@@ -1,0 +1,54 @@
+"""Default config: an attention-augmented ResNet on scikit-learn's bundled digits (8x8 grey, 10 classes).
+
+Command: python -m train  (from the repository root; the same as
+  python -m train --config train/configs/default.py --workdir runs/digits)
+Expected: >= 97% test top-1 on the 360 held-out digits (measured: 99.17% with JAX 0.10.2 on
+  Python 3.11, 98.61% with JAX 0.12 on Python 3.13).
+Time: 42 s wall on an idle 2-core CPU (660 steps of batch 64, compilation included); about
+  100 s when other jobs share the cores.
+
+Every recipe in this directory starts from this get_config() and overrides a few fields, so this
+file also documents every key. Override any of them on the command line: --config.<key>=<value>.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # Data (train/input_pipeline.py).
+    config.dataset = "digits"  # digits | cifar10 | cifar100 | imagenet
+    config.data_dir = "data"  # CIFAR tarballs / ImageNet tree or TFDS directory; unused for digits
+    config.download = True  # fetch missing CIFAR tarballs (md5-checked)
+    config.image_size = 224  # ImageNet crop size; the other data sets have fixed sizes
+    config.data_workers = 0  # grain worker processes (0: threads in the training process)
+
+    # Model: aacn_jax.models.create(model, num_classes=..., dtype=dtype, **model_overrides).
+    config.model = "aa_resnet_cifar"
+    config.model_overrides = ml_collections.ConfigDict(dict(depth=8, width=32))
+    config.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision (params stay float32)
+
+    # Optimisation (SGD with momentum; weight decay on conv/dense kernels only).
+    config.batch_size = 64  # global: split over all devices of all processes
+    config.num_epochs = 30.0
+    config.num_train_steps = -1  # > 0 overrides num_epochs
+    config.learning_rate = 0.1  # peak rate for base_batch_size; scaled by batch_size / base_batch_size
+    config.base_batch_size = 64
+    config.lr_schedule = "cosine"  # cosine | step
+    config.warmup_epochs = 0.0
+    config.lr_decay_epochs = ()  # step schedule: multiply by lr_decay_factor at these epochs
+    config.lr_decay_factor = 0.2
+    config.momentum = 0.9
+    config.nesterov = True
+    config.weight_decay = 5e-4
+    config.label_smoothing = 0.0
+    config.seed = 0
+
+    # Loop, logging and checkpoints (intervals in steps).
+    config.log_every_steps = 20
+    config.eval_every_steps = 200
+    config.checkpoint_every_steps = 200
+    config.max_checkpoints_to_keep = 2
+    config.distributed = False  # call jax.distributed.initialize() (multi-host runs)
+    return config

@@ -1,0 +1,337 @@
+"""Input pipelines with grain (no TensorFlow): digits, CIFAR-10/100 and ImageNet.
+
+* ``digits``: scikit-learn's bundled 8x8 grey digits (1797 images, 10 classes); a fixed stratified
+  split gives 1437 training and 360 test images. No augmentation.
+* ``cifar10`` / ``cifar100``: the official python tarballs in ``config.data_dir``, downloaded there
+  (md5-checked) when absent and ``config.download`` is set. Training augmentation: zero-pad 4,
+  random 32x32 crop, random horizontal flip.
+* ``imagenet``: an ImageFolder tree ``data_dir/{train,val}/<class>/*.JPEG`` decoded with PIL, or,
+  without that tree, TFDS's ``imagenet2012`` ``data_source`` in ``data_dir``. Training: Inception
+  random-resized crop (area 8-100 %, aspect 3/4-4/3) and flip; evaluation: resize to
+  ``image_size / 0.875`` and centre crop.
+
+Images are normalised per channel with the data set's mean and standard deviation. Every
+process reads its own ``1 / process_count`` of the records and yields its part of each global
+batch. The training stream is an infinite, per-epoch reshuffled, deterministic function of
+``config.seed``: shuffling and the augmentation's random numbers depend only on the seed, the
+epoch and the record index, and its position is saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import math
+import os
+import pickle
+import tarfile
+import urllib.request
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from PIL import Image
+
+Record = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Random-access record sources (``{'image', 'label'}``) and the transforms that finish them.
+
+    Attributes:
+      train, test: sequences of raw records.
+      num_classes: number of labels.
+      image_shape: ``(H, W, C)`` of a transformed image.
+      train_transform: ``(record, rng) -> record`` with augmentation.
+      test_transform: ``record -> record``.
+    """
+
+    train: Sequence[Record]
+    test: Sequence[Record]
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    train_transform: Callable[[Record, np.random.Generator], Record]
+    test_transform: Callable[[Record], Record]
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySource:
+    """Records from in-memory arrays: ``images[i]`` uint8 ``[H, W, C]``, ``labels[i]``."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Record:
+        return {"image": self.images[index], "label": self.labels[index]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms: module-level functions bound with functools.partial (picklable for grain workers).
+
+
+def normalize(record: Record, *, mean: Sequence[float], std: Sequence[float]) -> Record:
+    image = (np.asarray(record["image"], np.float32) - np.float32(mean)) / np.float32(std)
+    return {"image": image, "label": np.int32(record["label"])}
+
+
+def without_augmentation(record: Record, rng: np.random.Generator, *, transform: Callable) -> Record:
+    del rng
+    return transform(record)
+
+
+def pad_crop_flip(record: Record, rng: np.random.Generator, *, pad: int, mean, std) -> Record:
+    """Zero-pad by ``pad``, crop back to the original size at a random offset, flip with p = 0.5."""
+    image = record["image"]
+    height, width = image.shape[:2]
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+    top, left = rng.integers(0, 2 * pad + 1, size=2)
+    image = padded[top : top + height, left : left + width]
+    if rng.random() < 0.5:
+        image = image[:, ::-1]
+    return normalize({"image": image, "label": record["label"]}, mean=mean, std=std)
+
+
+def _open_image(image: str | bytes) -> Image.Image:
+    """A file path (ImageFolder) or encoded bytes (TFDS without decoding) as an RGB PIL image."""
+    return Image.open(io.BytesIO(image) if isinstance(image, bytes) else image).convert("RGB")
+
+
+def random_resized_crop_flip(record: Record, rng: np.random.Generator, *, size: int, mean, std) -> Record:
+    """Inception-style crop: area 8-100 % and aspect ratio 3/4-4/3 (10 tries, then the centre
+    square), resized to ``size x size``, flipped with p = 0.5."""
+    image = _open_image(record["image"])
+    width, height = image.size
+    box = None
+    for _ in range(10):
+        area = width * height * rng.uniform(0.08, 1.0)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        crop_w, crop_h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            left, top = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
+            box = (left, top, left + crop_w, top + crop_h)
+            break
+    if box is None:
+        side = min(width, height)
+        box = ((width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2)
+    image = image.resize((size, size), Image.BICUBIC, box=box)
+    if rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return normalize({"image": np.asarray(image), "label": record["label"]}, mean=mean, std=std)
+
+
+def resize_center_crop(record: Record, *, size: int, mean, std) -> Record:
+    """Shorter side resized to ``size / 0.875``, then the central ``size x size``."""
+    image = _open_image(record["image"])
+    width, height = image.size
+    scale = size / 0.875 / min(width, height)
+    width, height = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top = (width - size) // 2, (height - size) // 2
+    image = image.resize((width, height), Image.BICUBIC).crop((left, top, left + size, top + size))
+    return normalize({"image": np.asarray(image), "label": record["label"]}, mean=mean, std=std)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data sets.
+
+
+def digits() -> Dataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    images = data.images.astype(np.uint8)[..., None]  # N, 8, 8, 1 with values 0..16
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, data.target.astype(np.int32), test_size=360, stratify=data.target, random_state=0
+    )
+    test_transform = functools.partial(normalize, mean=(4.886,), std=(6.018,))  # of the training split
+    return Dataset(
+        ArraySource(train_x, train_y),
+        ArraySource(test_x, test_y),
+        num_classes=10,
+        image_shape=(8, 8, 1),
+        train_transform=functools.partial(without_augmentation, transform=test_transform),
+        test_transform=test_transform,
+    )
+
+
+CIFAR = {
+    "cifar10": dict(
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        md5="c58f30108f718f92721af3b95e74349a",
+        train=[f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)],
+        test=["cifar-10-batches-py/test_batch"],
+        label_key=b"labels",
+        num_classes=10,
+    ),
+    "cifar100": dict(
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        md5="eb9058c3a382ffc7106e4002c42a8d85",
+        train=["cifar-100-python/train"],
+        test=["cifar-100-python/test"],
+        label_key=b"fine_labels",
+        num_classes=100,
+    ),
+}
+CIFAR_MEAN, CIFAR_STD = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)
+
+
+def _md5(path: str) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(data_dir: str, url: str, md5: str, *, download: bool) -> str:
+    """Path of ``data_dir/<file name of url>``, downloading it (md5-checked) when absent."""
+    path = os.path.join(data_dir, os.path.basename(url))
+    if os.path.exists(path):
+        return path
+    fix = f"download {url} (md5 {md5}) into {data_dir}"
+    if not download:
+        raise FileNotFoundError(f"{path} not found; {fix}, or set --config.download=True")
+    os.makedirs(data_dir, exist_ok=True)
+    partial_path = f"{path}.part{jax.process_index()}"
+    try:
+        urllib.request.urlretrieve(url, partial_path)
+    except OSError as error:
+        raise FileNotFoundError(f"{path} not found and downloading failed ({error}); {fix}") from error
+    if (actual := _md5(partial_path)) != md5:
+        os.remove(partial_path)
+        raise ValueError(f"{url} downloaded with md5 {actual}, expected {md5}; try again")
+    os.replace(partial_path, path)
+    return path
+
+
+def cifar(name: str, data_dir: str, *, download: bool) -> Dataset:
+    spec = CIFAR[name]
+    path = fetch(data_dir, spec["url"], spec["md5"], download=download)
+
+    def load(tar: tarfile.TarFile, members: list[str]) -> ArraySource:
+        batches = [pickle.load(tar.extractfile(member), encoding="bytes") for member in members]
+        images = np.concatenate([batch[b"data"] for batch in batches]).reshape(-1, 3, 32, 32)
+        labels = np.concatenate([batch[spec["label_key"]] for batch in batches]).astype(np.int32)
+        return ArraySource(images.transpose(0, 2, 3, 1), labels)  # N, 32, 32, 3
+
+    with tarfile.open(path) as tar:
+        train, test = load(tar, spec["train"]), load(tar, spec["test"])
+    stats = dict(mean=CIFAR_MEAN, std=CIFAR_STD)
+    return Dataset(
+        train,
+        test,
+        num_classes=spec["num_classes"],
+        image_shape=(32, 32, 3),
+        train_transform=functools.partial(pad_crop_flip, pad=4, **stats),
+        test_transform=functools.partial(normalize, **stats),
+    )
+
+
+class ImageFolderSource:
+    """Records ``{'image': path, 'label'}`` from ``root/<class>/<image>``; labels index ``classes``."""
+
+    def __init__(self, root: str, classes: Sequence[str]):
+        self.files = [
+            (os.path.join(root, name, file), label)
+            for label, name in enumerate(classes)
+            for file in sorted(os.listdir(os.path.join(root, name)))
+        ]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Record:
+        path, label = self.files[index]
+        return {"image": path, "label": label}
+
+
+IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+
+def imagenet(data_dir: str, *, image_size: int) -> Dataset:
+    train_dir, val_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
+    if os.path.isdir(train_dir):
+        classes = tuple(sorted(entry.name for entry in os.scandir(train_dir) if entry.is_dir()))
+        train, test = ImageFolderSource(train_dir, classes), ImageFolderSource(val_dir, classes)
+        num_classes = len(classes)
+    else:
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError as error:
+            raise FileNotFoundError(
+                f"{train_dir} not found (an ImageFolder tree: train/<class>/*.JPEG and val/<class>/*.JPEG) "
+                "and tensorflow_datasets is not installed for its imagenet2012 data_source"
+            ) from error
+        keep_jpeg = {"image": tfds.decode.SkipDecoding()}
+        train, test = (
+            tfds.data_source("imagenet2012", split=split, data_dir=data_dir, decoders=keep_jpeg)
+            for split in ("train", "validation")
+        )
+        num_classes = 1000
+    stats = dict(size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return Dataset(
+        train,
+        test,
+        num_classes=num_classes,
+        image_shape=(image_size, image_size, 3),
+        train_transform=functools.partial(random_resized_crop_flip, **stats),
+        test_transform=functools.partial(resize_center_crop, **stats),
+    )
+
+
+def create_dataset(config) -> Dataset:
+    """The data set named by ``config.dataset``."""
+    data_dir = os.path.expanduser(config.data_dir)
+    if config.dataset == "digits":
+        return digits()
+    if config.dataset in CIFAR:
+        return cifar(config.dataset, data_dir, download=config.download)
+    if config.dataset == "imagenet":
+        return imagenet(data_dir, image_size=config.image_size)
+    raise ValueError(f"dataset={config.dataset!r} must be one of {('digits', *CIFAR, 'imagenet')}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipelines: each process reads records process_index, process_index + process_count, ...
+
+
+def _parallel(dataset: grain.MapDataset, workers: int) -> grain.IterDataset:
+    dataset = dataset.to_iter_dataset()
+    if workers:
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return dataset
+
+
+def train_iterator(data: Dataset, *, batch_size: int, seed: int, workers: int = 0) -> grain.DatasetIterator:
+    """Endless stream of this process's slices of global batches of ``batch_size`` augmented records."""
+    dataset = grain.MapDataset.source(data.train)[jax.process_index() :: jax.process_count()]
+    dataset = dataset.shuffle(seed).repeat().random_map(data.train_transform, seed=seed)
+    dataset = dataset.batch(batch_size // jax.process_count(), drop_remainder=True)
+    return iter(_parallel(dataset, workers))
+
+
+def _test_record(index: int, *, data: Dataset) -> Record:
+    """Record ``index``; indices past the end repeat the last record with ``mask`` 0."""
+    count = len(data.test)
+    record = data.test_transform(data.test[min(index, count - 1)])
+    return {**record, "mask": np.float32(index < count)}
+
+
+def test_batches(data: Dataset, *, batch_size: int, workers: int = 0) -> grain.IterDataset:
+    """One pass over the test records in this process's slices of global batches of ``batch_size``.
+
+    The record count is padded up to a multiple of ``batch_size`` (padding has ``mask`` 0) so
+    that every batch is full and every process runs the same number of steps.
+    """
+    padded = math.ceil(len(data.test) / batch_size) * batch_size
+    dataset = grain.MapDataset.range(padded)[jax.process_index() :: jax.process_count()]
+    dataset = dataset.map(functools.partial(_test_record, data=data))
+    return _parallel(dataset.batch(batch_size // jax.process_count()), workers)

@@ -1,0 +1,287 @@
+"""The training loop: one jitted, data-parallel step over every device, Orbax checkpoints, metrics.
+
+Data flows one way: config -> mesh -> input pipeline -> model (from the registry) -> train state
+-> jitted step -> metrics + checkpoints. Read :func:`train_and_evaluate` first; :func:`train_step`
+and :func:`eval_step` are the pure functions it jits (bound to config values with
+``functools.partial``, never closing over the config).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+from tqdm import tqdm
+
+from aacn_jax import models
+from train import checkpoint, input_pipeline, metrics, sharding
+
+
+class TrainState(train_state.TrainState):
+    """Flax's train state (step, params, optimizer and its state) plus BatchNorm statistics."""
+
+    batch_stats: Any
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int):
+    """``config.model`` from the registry; ``config.dtype`` is the compute dtype (params stay float32)."""
+    overrides = config.model_overrides.to_dict()
+    return models.create(config.model, num_classes=num_classes, dtype=jnp.dtype(config.dtype), **overrides)
+
+
+def create_learning_rate_fn(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, num_steps: int
+) -> optax.Schedule:
+    """Linear warm-up to the peak rate, then cosine decay to 0 or step decay.
+
+    The peak is ``learning_rate * batch_size / base_batch_size`` (linear scaling, Goyal et al. 2017).
+    """
+    peak = config.learning_rate * config.batch_size / config.base_batch_size
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    if config.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, num_steps)
+    if config.lr_schedule == "step":  # boundaries at absolute epochs, counted from the end of warm-up
+        decays = {
+            round(e * steps_per_epoch) - warmup_steps: config.lr_decay_factor for e in config.lr_decay_epochs
+        }
+        warmup = optax.linear_schedule(0.0, peak, warmup_steps)
+        return optax.join_schedules([warmup, optax.piecewise_constant_schedule(peak, decays)], [warmup_steps])
+    raise ValueError(f"lr_schedule={config.lr_schedule!r} must be 'cosine' or 'step'")
+
+
+def decay_mask(params: Any) -> Any:
+    """True for convolution and dense kernels (leaves named ``kernel``): the weights that are decayed.
+
+    Biases, BatchNorm scales and offsets and the relative position tables are not decayed.
+    """
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, lr_fn: optax.Schedule
+) -> optax.GradientTransformation:
+    """SGD with (Nesterov) momentum and L2 weight decay on the kernels (added to the gradient)."""
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+        optax.sgd(lr_fn, momentum=config.momentum, nesterov=config.nesterov),
+    )
+
+
+def create_state(rng: jax.Array, *, model, tx: optax.GradientTransformation, image_shape) -> TrainState:
+    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return TrainState.create(
+        apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"]
+    )
+
+
+def correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """``[B]`` float: 1 where the label is among the ``k`` largest logits (k capped at the class count)."""
+    top = jax.lax.top_k(logits, min(k, logits.shape[-1]))[1]
+    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    rng: jax.Array,
+    lr_fn: optax.Schedule,
+    label_smoothing: float,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global batch; BatchNorm statistics are over the global batch.
+
+    Dropout (where a model has it) draws from ``fold_in(rng, step)``: a resumed run repeats it exactly.
+    """
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        logits, updates = state.apply_fn(
+            variables,
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.fold_in(rng, state.step)},
+        )
+        targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), label_smoothing)
+        return optax.softmax_cross_entropy(logits, targets).mean(), (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    step_metrics = {
+        "loss": loss,
+        "top1": correct(logits, batch["label"], 1).mean(),
+        "top5": correct(logits, batch["label"], 5).mean(),
+        "learning_rate": lr_fn(state.step),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(new_state.params),  # not finite: diverged at this step
+    }
+    return new_state, step_metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Sums over the batch's real records (``mask`` 1): cross-entropy, top-1 and top-5 hits, count."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits = state.apply_fn(variables, batch["image"], train=False)
+    mask = batch["mask"]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    return {
+        "loss": jnp.sum(loss * mask),
+        "top1": jnp.sum(correct(logits, batch["label"], 1) * mask),
+        "top5": jnp.sum(correct(logits, batch["label"], 5) * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def evaluate(state: TrainState, *, p_eval_step, batches, mesh) -> dict[str, float]:
+    """Means of :func:`eval_step`'s sums over ``batches`` (an iterable of per-process batches)."""
+    sums = jax.device_get([p_eval_step(state, sharding.global_batch(batch, mesh)) for batch in batches])
+    totals = {name: np.sum([s[name] for s in sums]) for name in sums[0]}
+    count = totals.pop("count")
+    return {name: float(total / count) for name, total in totals.items()}
+
+
+def summarize(history: list[dict[str, jax.Array]], last_step: int, manager) -> dict[str, float]:
+    """Mean of the per-step metrics of steps ``last_step - len(history) + 1 .. last_step``.
+
+    Raises FloatingPointError naming the first step whose loss or new parameters are not finite
+    (nothing after the last good checkpoint is saved: ``manager``'s latest step is still good).
+    """
+    history = jax.device_get(history)
+    for index, step_metrics in enumerate(history):
+        if not (np.isfinite(step_metrics["loss"]) and np.isfinite(step_metrics["param_norm"])):
+            manager.wait_until_finished()
+            raise FloatingPointError(
+                f"training diverged at step {last_step - len(history) + index + 1} (loss "
+                f"{step_metrics['loss']}, parameter norm {step_metrics['param_norm']}): stopped without "
+                f"saving. The last good checkpoint is step {manager.latest_step()} in {manager.directory}; "
+                "training resumes from it when restarted (e.g. with a lower --config.learning_rate)."
+            )
+    return {name: float(np.mean([m[name] for m in history])) for name in history[0]}
+
+
+def train_loop(config, state, train_iter, p_train_step, evaluate_fn, *, num_steps, mesh, manager, writer):
+    """Steps ``state.step + 1 .. num_steps``: log, checkpoint and evaluate at the configured intervals."""
+    first_step = int(state.step)
+    history = []  # per-step metrics, left on the devices until the next log
+    interval_start = time.perf_counter()
+    with tqdm(total=num_steps, initial=first_step, unit="step", disable=not writer.active) as bar:
+        for step in range(first_step + 1, num_steps + 1):
+            state, step_metrics = p_train_step(state, sharding.global_batch(next(train_iter), mesh))
+            history.append(step_metrics)
+            bar.update()
+            save_now = step % config.checkpoint_every_steps == 0 or step == num_steps
+            # The final evaluation is the caller's.
+            evaluate_now = step % config.eval_every_steps == 0 and step < num_steps
+            if step % config.log_every_steps and not save_now and not evaluate_now:
+                continue
+            record = summarize(history, step, manager)  # waits for the steps to finish
+            record["images_per_sec"] = (
+                len(history) * config.batch_size / (time.perf_counter() - interval_start)
+            )
+            writer.write(step, "train", record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", images_per_sec=f"{record['images_per_sec']:.0f}")
+            history = []
+            if save_now:
+                checkpoint.save(manager, step, state, train_iter)
+            if evaluate_now:
+                writer.write(step, "eval", evaluate_fn(state))
+            interval_start = time.perf_counter()
+    return state
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, eval_only: bool = False
+) -> TrainState:
+    """Train as ``config`` says, resuming from the latest checkpoint in ``workdir``; evaluate at the end.
+
+    With ``eval_only``, evaluate the latest checkpoint without training. Returns the final state.
+    Every process runs this same function; only process 0 writes metrics and the progress bar.
+    """
+    start_time = time.perf_counter()
+    if config.distributed:
+        jax.distributed.initialize()
+    if config.batch_size % jax.device_count():
+        raise ValueError(
+            f"batch_size={config.batch_size} must be divisible by the number of devices, "
+            f"{jax.device_count()} ({jax.local_device_count()} on each of {jax.process_count()} processes)"
+        )
+    mesh = sharding.make_mesh()
+    data = input_pipeline.create_dataset(config)
+    model = create_model(config, data.num_classes)
+    steps_per_epoch = len(data.train) // config.batch_size
+    num_steps = config.num_train_steps
+    if num_steps <= 0:
+        num_steps = round(config.num_epochs * steps_per_epoch)
+    lr_fn = create_learning_rate_fn(config, steps_per_epoch, num_steps)
+    init = functools.partial(
+        create_state, model=model, tx=create_optimizer(config, lr_fn), image_shape=data.image_shape
+    )
+    init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+    replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init, init_rng)
+    )
+    state_sharding = jax.tree.map(lambda x: x.sharding, abstract_state)
+    evaluate_fn = functools.partial(
+        evaluate,
+        p_eval_step=jax.jit(
+            eval_step, in_shardings=(state_sharding, batch_sharded), out_shardings=replicated
+        ),
+        batches=input_pipeline.test_batches(data, batch_size=config.batch_size, workers=config.data_workers),
+        mesh=mesh,
+    )
+
+    manager = checkpoint.create_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
+    # Closing the manager waits for the asynchronous saves, also when training stops with an error.
+    with manager, metrics.MetricWriter(workdir) as writer:
+        if eval_only:
+            if manager.latest_step() is None:
+                raise FileNotFoundError(f"--eval_only: no checkpoint in {manager.directory}")
+            state = checkpoint.restore(manager, abstract_state)
+        else:
+            train_iter = input_pipeline.train_iterator(
+                data, batch_size=config.batch_size, seed=config.seed, workers=config.data_workers
+            )
+            if manager.latest_step() is None:
+                state = jax.jit(init, out_shardings=state_sharding)(init_rng)
+            else:
+                state = checkpoint.restore(manager, abstract_state, train_iter)
+                if writer.active:
+                    print(f"Resuming from the checkpoint of step {int(state.step)} in {manager.directory}")
+            p_train_step = jax.jit(
+                functools.partial(
+                    train_step, rng=dropout_rng, lr_fn=lr_fn, label_smoothing=config.label_smoothing
+                ),
+                in_shardings=(state_sharding, batch_sharded),
+                out_shardings=(state_sharding, replicated),
+                donate_argnums=0,
+            )
+            state = train_loop(
+                config,
+                state,
+                train_iter,
+                p_train_step,
+                evaluate_fn,
+                num_steps=num_steps,
+                mesh=mesh,
+                manager=manager,
+                writer=writer,
+            )
+        step = int(state.step)
+        results = evaluate_fn(state)
+        writer.write(step, "eval", results)
+    if writer.active:
+        print(
+            f"Final test top-1 {results['top1']:.2%} (top-5 {results['top5']:.2%}, "
+            f"loss {results['loss']:.4f}) on {len(data.test)} {config.dataset} test images at step {step}, "
+            f"{time.perf_counter() - start_time:.0f} s",
+            flush=True,
+        )
+    return state
