@@ -11,7 +11,6 @@ import json
 import os
 import pathlib
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -61,18 +60,17 @@ def machine_info() -> dict:
 
 
 def peak_rss_bytes_in_subprocess(module: str, *args: str) -> int:
-    """Run ``python -m module args`` in a fresh process; return its peak RSS (Linux ru_maxrss)."""
+    """Run ``python -m module args`` in a fresh process; return its peak RSS (Linux ``VmHWM``).
+
+    ``VmHWM`` starts afresh at exec, unlike ``ru_maxrss``, which keeps the parent's high-water mark.
+    """
     code = (
-        f"import resource, runpy, sys; sys.argv = {[module, *args]!r}; "
+        f"import runpy, sys; sys.argv = {[module, *args]!r}; "
         f"runpy.run_module({module!r}, run_name='__main__'); "
-        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print('RSS', open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return 1024 * int(out.rsplit("RSS", 1)[1])
-
-
-def self_peak_rss_bytes() -> int:
-    return 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def write_results(name: str, payload: dict) -> pathlib.Path:

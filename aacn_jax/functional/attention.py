@@ -5,17 +5,18 @@ Bello et al., "Attention Augmented Convolutional Networks", ICCV 2019, arXiv:190
 Queries and keys are ``[B, H, W, N, dk]``, values ``[B, H, W, N, dv]`` (NHWC, heads after
 space). Paper symbols: N is Nh, dk/dv here are the per-head depths dkh/dvh.
 
-The computation walks over blocks of query rows. Each block attends to every key: its logits
-``[B, N, rows, W, H*W]`` are the content logits plus the two relative factors
-``[B, N, rows, W, H]`` and ``[B, N, rows, W, W]`` added by broadcasting (never tiled to (HW)^2
-copies). A custom VJP keeps only the output and the per-query log-sum-exp and rebuilds each
-block's softmax in the backward pass, as memory-efficient ("flash") attention does, so the
-largest temporary is one block's logits.
+Two implementations compute the same function; neither tiles the relative logits to (HW)^2
+copies: the factors ``[.., H]`` and ``[.., W]`` of each query's relative logits are added by
+broadcasting.
 
-- ``implementation="dense"``: one block holding all H rows, i.e. all ``B*N*(HW)^2`` logits.
-- ``implementation="blockwise"``: blocks of ``block_size`` rows, memory ``B*N*block_size*W*HW``.
-- ``implementation=None``: dense when its logits fit ``memory_budget_bytes``, else blockwise
-  with the largest block that fits.
+- ``implementation="dense"``: all ``B*N*(HW)^2`` logits at once, heads-first layout, plain
+  autodiff (the softmax weights are kept for the backward pass). Fastest while it fits.
+- ``implementation="blockwise"``: query rows in blocks; each block attends to every key. A custom
+  VJP keeps only the output and the per-query log-sum-exp and rebuilds each block's softmax in
+  the backward pass, as memory-efficient ("flash") attention does, so the largest temporary is
+  one block's logits ``B*N*block_size*W*HW``.
+- ``implementation=None``: dense when its float32 logits fit ``memory_budget_bytes``, else
+  blockwise with the largest block that fits (and at least two blocks).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from aacn_jax.functional.relative import absolute_table, check_tables, relative_
 __all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "IMPLEMENTATIONS", "dense_logits_bytes", "self_attention_2d"]
 
 IMPLEMENTATIONS = ("dense", "blockwise")
-# Float32 logits of one block. On this project's 2-core CPU, blocks of a few MiB (cache-sized)
-# ran fastest; see benchmarks/README.md.
-DEFAULT_MEMORY_BUDGET_BYTES = 16 * 2**20
+# Float32 logits held at once by the automatic choice. Measured on the project's 2-core CPU
+# (benchmarks/attention.py): dense wins up to a few tens of MiB of logits, blockwise beyond.
+DEFAULT_MEMORY_BUDGET_BYTES = 32 * 2**20
 _F32 = jnp.float32
 
 
@@ -117,6 +118,26 @@ def _from_blocks(x, axis, length):
     x = jnp.moveaxis(x, 0, axis)
     x = x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
     return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+
+
+def _dense(q, k, v, table_h, table_w):
+    """All logits at once in ``[B, N, HW, HW]`` (heads-first) layout, differentiated by JAX."""
+    batch, height, width, heads, depth = q.shape
+    tokens = height * width
+    q = jnp.moveaxis(q, 3, 1)  # B, N, H, W, d
+    k = jnp.moveaxis(k, 3, 1).reshape(batch, heads, tokens, depth)
+    v = jnp.moveaxis(v, 3, 1).reshape(batch, heads, tokens, -1)
+    logits = jnp.einsum("bnqd,bnkd->bnqk", q.reshape(k.shape), k, preferred_element_type=_F32)
+    if table_h is not None:
+        logits_h = jnp.einsum("bnxyd,xzd->bnxyz", q, table_h, preferred_element_type=_F32)
+        logits_w = jnp.einsum("bnxyd,ywd->bnxyw", q, table_w, preferred_element_type=_F32)
+        logits = logits.reshape(batch, heads, tokens, height, width)  # B, N, HW, H, W
+        logits = logits + logits_h.reshape(batch, heads, tokens, height, 1)
+        logits = logits + logits_w.reshape(batch, heads, tokens, 1, width)
+        logits = logits.reshape(batch, heads, tokens, tokens)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bnqk,bnke->bnqe", weights, v).reshape(batch, heads, height, width, -1)
+    return jnp.moveaxis(out, 1, 3)  # B, H, W, N, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -213,17 +234,18 @@ def self_attention_2d(
         raise ValueError(f"implementation={implementation!r} must be one of {IMPLEMENTATIONS} or None")
     if block_size is not None and block_size < 1:
         raise ValueError(f"block_size={block_size} must be >= 1")
-    height = q.shape[1]
-    if implementation == "dense":
-        block_size = height
-    elif block_size is None:
-        row_bytes = dense_logits_bytes(q.shape) // height
-        block_size = max(1, min(height, memory_budget_bytes // row_bytes))
-        if implementation == "blockwise":
-            block_size = min(block_size, max(1, height // 2))  # blockwise means more than one block
-    block_size = min(block_size, height)
+    if implementation is None:
+        fits = dense_logits_bytes(q.shape) <= memory_budget_bytes
+        implementation = "dense" if fits else "blockwise"
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    v = v.astype(q.dtype)
     table_h = table_w = None
     if rel_h is not None:
         table_h, table_w = absolute_table(rel_h).astype(q.dtype), absolute_table(rel_w).astype(q.dtype)
-    return _attention(q, k, v.astype(q.dtype), table_h, table_w, block_size)
+    if implementation == "dense":
+        return _dense(q, k, v, table_h, table_w).astype(q.dtype)
+    height = q.shape[1]
+    if block_size is None:  # the most rows that fit the budget, and at least two blocks
+        row_bytes = dense_logits_bytes(q.shape) // height
+        block_size = max(1, min(memory_budget_bytes // row_bytes, height // 2))
+    return _attention(q, k, v, table_h, table_w, min(block_size, height))

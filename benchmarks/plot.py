@@ -1,0 +1,62 @@
+"""Plot ``results/attention-<platform>.json``: ``python -m benchmarks.plot [JSON ...]``.
+
+One PNG per results file, beside it: forward+backward time and XLA temporary memory against
+the map size, one line per implementation, for the Wide-ResNet and ResNet-50 layer shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from benchmarks.measure import RESULTS
+
+
+def plot(path: pathlib.Path) -> pathlib.Path:
+    results = json.loads(path.read_text())
+    families = sorted({row["shape"]["name"].split("_")[0] for row in results["rows"]})
+    fig, axes = plt.subplots(2, len(families), figsize=(5 * len(families), 7), squeeze=False)
+    for col, family in enumerate(families):
+        rows = [r for r in results["rows"] if r["shape"]["name"].startswith(family + "_")]
+        for name in dict.fromkeys(r["implementation"] for r in rows):
+            mine = sorted(
+                (r for r in rows if r["implementation"] == name), key=lambda r: r["shape"]["height"]
+            )
+            sizes = [r["shape"]["height"] for r in mine]
+            axes[0, col].plot(sizes, [1e3 * r["seconds"] for r in mine], marker="o", label=name)
+            axes[1, col].plot(sizes, [r["temp_bytes"] / 2**20 for r in mine], marker="o", label=name)
+        batches = ", ".join(
+            f"{r['shape']['height']}: B={r['shape']['batch']}" for r in rows[:: len(rows) // 4 or 1]
+        )
+        axes[0, col].set_title(f"{family} layer shapes ({batches})", fontsize=9)
+        axes[0, col].set_ylabel("forward+backward, ms (median)")
+        axes[1, col].set_ylabel("XLA temporary memory, MiB")
+        for ax in axes[:, col]:
+            ax.set_xlabel("map size H = W")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[0, col].legend(fontsize=8)
+    machine = results["machine"]
+    device = f"{machine['device_kind']} ({machine['platform']})"
+    fig.suptitle(f"Relative self-attention, 8 heads, 20 key dims per head; {device}")
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> None:
+    paths = [pathlib.Path(p) for p in argv] if argv else sorted(RESULTS.glob("attention-*.json"))
+    for path in paths:
+        print(f"wrote {plot(path)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
