@@ -31,9 +31,8 @@ def plot(path: pathlib.Path) -> pathlib.Path:
             sizes = [r["shape"]["height"] for r in mine]
             axes[0, col].plot(sizes, [1e3 * r["seconds"] for r in mine], marker="o", label=name)
             axes[1, col].plot(sizes, [r["temp_bytes"] / 2**20 for r in mine], marker="o", label=name)
-        batches = ", ".join(
-            f"{r['shape']['height']}: B={r['shape']['batch']}" for r in rows[:: len(rows) // 4 or 1]
-        )
+        shapes = dict.fromkeys((r["shape"]["height"], r["shape"]["batch"]) for r in rows)
+        batches = ", ".join(f"{size}: B={batch}" for size, batch in shapes)
         axes[0, col].set_title(f"{family} layer shapes ({batches})", fontsize=9)
         axes[0, col].set_ylabel("forward+backward, ms (median)")
         axes[1, col].set_ylabel("XLA temporary memory, MiB")

@@ -294,3 +294,10 @@ def test_gather_excite_global_and_local_extent():
     gathered = blocks.repeat(2, axis=1).repeat(2, axis=2)
     np.testing.assert_allclose(local, x / (1 + np.exp(-gathered)), rtol=1e-5)
     assert A.GatherExcite().init(jax.random.key(0), x) == {}
+
+
+def test_kernel_init_reaches_the_convolution_branch():
+    layer = A.AugmentedConv(8, 3, dk=4, dv=4, num_heads=2, kernel_init=jax.nn.initializers.ones)
+    params = _init(layer, _normal((1, 4, 4, 3)))["params"]
+    np.testing.assert_array_equal(params["conv"]["kernel"], np.ones((3, 3, 3, 4)))
+    assert not np.all(params["attention"]["qkv"]["kernel"] == 1)

@@ -4,6 +4,7 @@ Bello et al., "Attention Augmented Convolutional Networks", ICCV 2019, arXiv:190
 """
 
 from aacn_jax.functional.attention import (
+    DEFAULT_BLOCK_BYTES,
     DEFAULT_MEMORY_BUDGET_BYTES,
     IMPLEMENTATIONS,
     self_attention_2d,
@@ -19,6 +20,7 @@ from aacn_jax.functional.relative import (
 )
 
 __all__ = [
+    "DEFAULT_BLOCK_BYTES",
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "IMPLEMENTATIONS",
     "absolute_table",

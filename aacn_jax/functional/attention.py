@@ -28,12 +28,20 @@ import jax.numpy as jnp
 
 from aacn_jax.functional.relative import absolute_table, check_tables, relative_logit_factors
 
-__all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "IMPLEMENTATIONS", "dense_logits_bytes", "self_attention_2d"]
+__all__ = [
+    "DEFAULT_BLOCK_BYTES",
+    "DEFAULT_MEMORY_BUDGET_BYTES",
+    "IMPLEMENTATIONS",
+    "dense_logits_bytes",
+    "self_attention_2d",
+]
 
 IMPLEMENTATIONS = ("dense", "blockwise")
-# Float32 logits held at once by the automatic choice. Measured on the project's 2-core CPU
-# (benchmarks/attention.py): dense wins up to a few tens of MiB of logits, blockwise beyond.
-DEFAULT_MEMORY_BUDGET_BYTES = 32 * 2**20
+# Measured on the project's 2-core CPU (benchmarks/attention.py): the dense path is fastest up to
+# a few tens of MiB of float32 logits; beyond, blockwise with blocks of at most ~8 MiB of logits
+# (cache-sized) is both faster and far leaner than dense.
+DEFAULT_MEMORY_BUDGET_BYTES = 32 * 2**20  # dense logits allowed by implementation=None
+DEFAULT_BLOCK_BYTES = 8 * 2**20  # logits of one block when block_size=None
 _F32 = jnp.float32
 
 
@@ -220,8 +228,9 @@ def self_attention_2d(
         both None for plain content-only attention.
       implementation: ``"dense"``, ``"blockwise"`` or None (dense if its float32 logits fit in
         ``memory_budget_bytes``, else blockwise).
-      block_size: query rows per block for the blockwise path; None: the most that fit the budget.
-      memory_budget_bytes: float32 logits allowed at once, for the automatic choices.
+      block_size: query rows per block for the blockwise path; None: the most whose float32
+        logits fit ``DEFAULT_BLOCK_BYTES`` (at least one row, at least two blocks).
+      memory_budget_bytes: the most float32 logits ``implementation=None`` lets the dense path hold.
 
     Returns:
       ``[B, H, W, N, dv]`` in q's dtype: for each query pixel, the softmax over all H*W key
@@ -245,7 +254,7 @@ def self_attention_2d(
     if implementation == "dense":
         return _dense(q, k, v, table_h, table_w).astype(q.dtype)
     height = q.shape[1]
-    if block_size is None:  # the most rows that fit the budget, and at least two blocks
+    if block_size is None:  # the most rows that fit DEFAULT_BLOCK_BYTES, and at least two blocks
         row_bytes = dense_logits_bytes(q.shape) // height
-        block_size = max(1, min(memory_budget_bytes // row_bytes, height // 2))
+        block_size = max(1, min(DEFAULT_BLOCK_BYTES // row_bytes, height // 2))
     return _attention(q, k, v, table_h, table_w, min(block_size, height))

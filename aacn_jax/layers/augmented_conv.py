@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -83,7 +83,8 @@ class AugmentedConv(nn.Module):
       features: output channels (Fout).
       kernel_size, strides: int or pair, as in ``flax.linen.Conv``.
       dk, dv, num_heads, position, ...: see :class:`SelfAttention2D`.
-      padding, use_bias: of the convolution branch.
+      padding, use_bias, kernel_init: of the convolution branch (``kernel_init`` defaults to
+        flax's ``lecun_normal``; the model zoo passes the He initialisation of its plain convs).
     """
 
     features: int
@@ -99,6 +100,7 @@ class AugmentedConv(nn.Module):
     memory_budget_bytes: int = F.DEFAULT_MEMORY_BUDGET_BYTES
     padding: str = "SAME"
     use_bias: bool = False
+    kernel_init: Callable = nn.initializers.lecun_normal()
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -123,6 +125,7 @@ class AugmentedConv(nn.Module):
                 strides=strides,
                 padding=self.padding,
                 use_bias=self.use_bias,
+                kernel_init=self.kernel_init,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="conv",

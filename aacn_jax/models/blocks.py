@@ -67,6 +67,18 @@ class Augmentation:
         if self.min_key_depth_per_head < 0:
             raise ValueError(f"min_key_depth_per_head={self.min_key_depth_per_head} must be >= 0")
 
+    @classmethod
+    def of(cls, model: Any) -> Augmentation:
+        """The augmentation described by a model's ``kappa``, ``upsilon``, ``num_heads``, ... fields."""
+        return cls(
+            model.kappa,
+            model.upsilon,
+            model.num_heads,
+            model.min_key_depth_per_head,
+            model.attention_position,
+            model.attention_implementation,
+        )
+
     def depths(self, features: int) -> tuple[int, int]:
         """``(dk, dv)`` of an augmented layer with ``features`` output channels."""
         return attention_depths(
@@ -84,6 +96,7 @@ class Augmentation:
             num_heads=self.num_heads,
             position=self.position,
             implementation=self.implementation,
+            kernel_init=conv_init,
             dtype=dtype,
             name=name,
         )

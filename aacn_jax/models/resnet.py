@@ -35,7 +35,16 @@ EXPANSION = {"basic": 1, "bottleneck": 4}
 
 
 class _Residual(nn.Module):
-    """Shared tail of the post-activation blocks: excitation, projection shortcut, add, ReLU."""
+    """Fields and shared tail of the post-activation blocks: excitation, projection shortcut, add, ReLU."""
+
+    features: int
+    strides: int = 1
+    augmentation: Augmentation | None = None
+    augmented_convs: Sequence[str] = ()
+    excite: str | None = None
+    se_reduction: int = 16
+    zero_init_residual: bool = True
+    dtype: Any = jnp.float32
 
     def _finish(self, x: jax.Array, y: jax.Array, *, train: bool) -> jax.Array:
         excite = excite_layer(self.excite, reduction=self.se_reduction, dtype=self.dtype)
@@ -53,15 +62,6 @@ class _Residual(nn.Module):
 class BasicBlock(_Residual):
     """Two 3x3 convolutions (ResNet-18/34 and the CIFAR ResNets); the stride is on the first."""
 
-    features: int
-    strides: int = 1
-    augmentation: Augmentation | None = None
-    augmented_convs: Sequence[str] = ()
-    excite: str | None = None
-    se_reduction: int = 16
-    zero_init_residual: bool = True
-    dtype: Any = jnp.float32
-
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype)
@@ -76,15 +76,6 @@ class BasicBlock(_Residual):
 
 class Bottleneck(_Residual):
     """1x1 -> 3x3 -> 1x1 (x4 channels), the stride on the 3x3 ("ResNet v1.5", as torchvision)."""
-
-    features: int
-    strides: int = 1
-    augmentation: Augmentation | None = None
-    augmented_convs: Sequence[str] = ()
-    excite: str | None = None
-    se_reduction: int = 16
-    zero_init_residual: bool = True
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -223,20 +214,10 @@ class ResNet(nn.Module):
                 f"augmented_convs={self.augmented_convs!r} must name convolutions of a {self.block} block: "
                 f"{BLOCKS[self.block]}"
             )
-        augmentation = self.augmentation()  # validates the attention fields
+        augmentation = Augmentation.of(self)  # validates the attention fields
         for stage in self.augmented_stages:  # validates kappa, upsilon, num_heads against the widths
             augmentation.depths(self.width * 2 ** (stage - 1))
         super().__post_init__()
-
-    def augmentation(self) -> Augmentation:
-        return Augmentation(
-            self.kappa,
-            self.upsilon,
-            self.num_heads,
-            self.min_key_depth_per_head,
-            self.attention_position,
-            self.attention_implementation,
-        )
 
     def components(self, *, detached: bool = False) -> list[nn.Module]:
         """The stem, the stages and the head, in the order ``__call__`` chains them.
@@ -256,7 +237,7 @@ class ResNet(nn.Module):
                     self.width * 2**i,
                     num_blocks,
                     1 if i == 0 else 2,
-                    augmentation=self.augmentation() if stage in self.augmented_stages else None,
+                    augmentation=Augmentation.of(self) if stage in self.augmented_stages else None,
                     augmented_convs=augmented_convs,
                     excite=self.excite,
                     se_reduction=self.se_reduction,

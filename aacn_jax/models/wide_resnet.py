@@ -156,20 +156,10 @@ class WideResNet(nn.Module):
         if not 0 <= self.dropout_rate < 1:
             raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1)")
         check_common(self, 3)
-        augmentation = self.augmentation()
+        augmentation = Augmentation.of(self)
         for stage in self.augmented_stages:
             augmentation.depths(16 * self.widen_factor * 2 ** (stage - 1))
         super().__post_init__()
-
-    def augmentation(self) -> Augmentation:
-        return Augmentation(
-            self.kappa,
-            self.upsilon,
-            self.num_heads,
-            self.min_key_depth_per_head,
-            self.attention_position,
-            self.attention_implementation,
-        )
 
     def components(self, *, detached: bool = False) -> list[nn.Module]:
         """The stem, the stages and the head, in the order ``__call__`` chains them.
@@ -188,7 +178,7 @@ class WideResNet(nn.Module):
                     16 * self.widen_factor * 2**i,
                     num_blocks,
                     1 if i == 0 else 2,
-                    augmentation=self.augmentation() if stage in self.augmented_stages else None,
+                    augmentation=Augmentation.of(self) if stage in self.augmented_stages else None,
                     dropout_rate=self.dropout_rate,
                     excite=self.excite,
                     se_reduction=self.se_reduction,
