@@ -177,3 +177,13 @@ class ClassifierHead(nn.Module):
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # B, C
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(pooled.astype(self.dtype))
         return logits.astype(jnp.float32)
+
+
+def run_components(model: nn.Module, x: jax.Array, *, train: bool) -> jax.Array:
+    """A zoo model's ``__call__``: check NHWC input, cast to ``model.dtype``, chain its components."""
+    if x.ndim != 4:
+        raise ValueError(f"{type(model).__name__} expects NHWC images [B, H, W, C], got x.shape={x.shape}")
+    x = jnp.asarray(x, model.dtype)
+    for layer in model.components():
+        x = layer(x, train=train)
+    return x

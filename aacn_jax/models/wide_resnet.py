@@ -20,6 +20,7 @@ from aacn_jax.models.blocks import (
     check_common,
     conv,
     excite_layer,
+    run_components,
 )
 from aacn_jax.models.registry import CIFAR_INPUT, build, register
 
@@ -193,12 +194,7 @@ class WideResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """``[B, H, W, C]`` images -> ``[B, num_classes]`` float32 logits."""
-        if x.ndim != 4:
-            raise ValueError(f"WideResNet expects NHWC images [B, H, W, C], got x.shape={x.shape}")
-        x = jnp.asarray(x, self.dtype)
-        for layer in self.components():
-            x = layer(x, train=train)
-        return x
+        return run_components(self, x, train=train)
 
 
 # Registered variants: WRN-28-10 for CIFAR (the paper's CIFAR-100 models).
