@@ -434,3 +434,10 @@ def test_summary_without_flops_and_with_overrides():
     assert plain.flops is None and all(s.flops is None for s in plain.stages)
     assert plain.input_shape == (32, 32, 3) and plain.num_classes == 10
     assert augmented.params == models.count_params(_flat_params("aa_resnet_cifar", attention_position="none"))
+
+
+@pytest.mark.parametrize("name", ["resnet_cifar", "wrn28_10"])
+def test_non_nhwc_input_is_rejected(name):
+    model = models.create(name, num_classes=10)
+    with pytest.raises(ValueError, match="expects NHWC images"):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), jnp.zeros((32, 32, 3)))
