@@ -132,13 +132,12 @@ def _dense(q, k, v, table_h, table_w):
     """All logits at once in ``[B, N, HW, HW]`` (heads-first) layout, differentiated by JAX."""
     batch, height, width, heads, depth = q.shape
     tokens = height * width
-    q = jnp.moveaxis(q, 3, 1)  # B, N, H, W, d
+    queries = jnp.moveaxis(q, 3, 1).reshape(batch, heads, tokens, depth)
     k = jnp.moveaxis(k, 3, 1).reshape(batch, heads, tokens, depth)
     v = jnp.moveaxis(v, 3, 1).reshape(batch, heads, tokens, -1)
-    logits = jnp.einsum("bnqd,bnkd->bnqk", q.reshape(k.shape), k, preferred_element_type=_F32)
+    logits = jnp.einsum("bnqd,bnkd->bnqk", queries, k, preferred_element_type=_F32)
     if table_h is not None:
-        logits_h = jnp.einsum("bnxyd,xzd->bnxyz", q, table_h, preferred_element_type=_F32)
-        logits_w = jnp.einsum("bnxyd,ywd->bnxyw", q, table_w, preferred_element_type=_F32)
+        logits_h, logits_w = relative_logit_factors(q, table_h, table_w)  # B,N,H,W,H and B,N,H,W,W
         logits = logits.reshape(batch, heads, tokens, height, width)  # B, N, HW, H, W
         logits = logits + logits_h.reshape(batch, heads, tokens, height, 1)
         logits = logits + logits_w.reshape(batch, heads, tokens, 1, width)
