@@ -92,3 +92,34 @@ def self_attention_2d_ref(q, k, v, rel_h=None, rel_w=None):
                             acc += w[x2, y2] * v[b, x2, y2, n]
                     out[b, x, y, n] = acc
     return out
+
+
+def attention_weights_ref(q, k, rel_h=None, rel_w=None):
+    """Softmax attention probabilities ``[B,N,H,W,H,W]`` (float64) of :func:`self_attention_2d_ref`.
+
+    ``out[b,n,x,y,x2,y2] = exp(l[x2,y2]) / sum_{x3,y3} exp(l[x3,y3])`` where, with
+    ``qs = q * dk**-0.5``, ``l[x2,y2] = qs[b,x,y,n]·k[b,x2,y2,n]`` plus, with tables,
+    ``qs[b,x,y,n]·rel_h[x2-x+H-1] + qs[b,x,y,n]·rel_w[y2-y+W-1]``.
+    """
+    q, k = _f64(q), _f64(k)
+    B, H, W, N, dk = q.shape
+    assert k.shape == q.shape, (k.shape, q.shape)
+    if (rel_h is None) != (rel_w is None):
+        raise ValueError("rel_h and rel_w must both be given or both be None")
+    qs = q * dk**-0.5
+    out = np.zeros((B, N, H, W, H, W), dtype=np.float64)
+    for b in range(B):
+        for n in range(N):
+            for x in range(H):
+                for y in range(W):
+                    qv = qs[b, x, y, n]
+                    logits = np.zeros((H, W), dtype=np.float64)
+                    for x2 in range(H):
+                        for y2 in range(W):
+                            logits[x2, y2] = np.dot(qv, k[b, x2, y2, n])
+                            if rel_h is not None:
+                                logits[x2, y2] += np.dot(qv, _f64(rel_h)[x2 - x + H - 1])
+                                logits[x2, y2] += np.dot(qv, _f64(rel_w)[y2 - y + W - 1])
+                    e = np.exp(logits - logits.max())
+                    out[b, n, x, y] = e / e.sum()
+    return out

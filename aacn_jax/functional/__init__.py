@@ -18,12 +18,14 @@ from aacn_jax.functional.relative import (
     relative_logits,
     resize_relative_table,
 )
+from aacn_jax.functional.weights import attention_weights
 
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "IMPLEMENTATIONS",
     "absolute_table",
+    "attention_weights",
     "coordinate_channels",
     "rel_to_abs",
     "relative_index",

@@ -64,6 +64,16 @@ class SelfAttention2D(nn.Module):
     Input sizes: the relative tables get their size from the input seen at ``init``. Applied to
     a smaller map the layer uses the exact centre of its tables; applied to a larger map it
     interpolates them linearly (see :func:`aacn_jax.functional.resize_relative_table`).
+
+    Attention maps: applied with ``mutable=["attention_weights"]``, the layer also stores its
+    softmax probabilities ``[B, N, H, W, H, W]`` (float32, see
+    :func:`aacn_jax.functional.attention_weights`) in that collection under ``"weights"`` (a
+    one-element tuple, Flax's ``sow``), at the layer's path in any enclosing model::
+
+        y, state = layer.apply(variables, x, mutable=["attention_weights"])
+        weights = state["attention_weights"]["weights"][0]
+
+    Otherwise (and in ``init``) nothing is computed or stored.
     """
 
     dk: int
@@ -116,6 +126,8 @@ class SelfAttention2D(nn.Module):
         if self.position == "relative":
             rel_h = self._relative_table("rel_h", height).astype(q.dtype)
             rel_w = self._relative_table("rel_w", width).astype(q.dtype)
+        if self.is_mutable_collection("attention_weights") and not self.is_initializing():
+            self.sow("attention_weights", "weights", F.attention_weights(q, k, rel_h, rel_w))
         out = F.self_attention_2d(
             q,
             k,
