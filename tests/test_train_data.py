@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import pathlib
 import urllib.error
 import urllib.request
 
@@ -21,11 +22,19 @@ CIFAR_URL = {
 }
 
 
+def pretend_official(monkeypatch, data_dir, name: str) -> pathlib.Path:
+    """Make the synthetic tarball of ``name`` in ``data_dir`` pass the md5 check; its path."""
+    archive = data_dir / CIFAR_URL[name].rsplit("/", 1)[1]
+    monkeypatch.setitem(input_pipeline.CIFAR[name], "md5", hashlib.md5(archive.read_bytes()).hexdigest())
+    return archive
+
+
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_cifar_tarball_in_the_official_format_loads(tmp_path, name):
+def test_cifar_tarball_in_the_official_format_loads(tmp_path, monkeypatch, name):
     (train_x, train_y), (test_x, test_y) = helpers.write_cifar_tarball(
         tmp_path, name, np.random.default_rng(0)
     )
+    pretend_official(monkeypatch, tmp_path, name)
     config = helpers.tiny_config({"dataset": name, "data_dir": str(tmp_path), "download": False})
     data = input_pipeline.create_dataset(config)
     assert data.num_classes == (10 if name == "cifar10" else 100)
@@ -51,6 +60,25 @@ def test_cifar_tarball_in_the_official_format_loads(tmp_path, name):
     ]
     assert any(np.allclose(augmented, crop, atol=1e-3) for crop in crops)
     assert not np.allclose(augmented, image, atol=1e-3)  # this rng does move the image
+
+
+@pytest.mark.parametrize("damage", ["truncated", "one byte changed"])
+def test_corrupt_cifar_tarball_is_named_with_its_md5(tmp_path, monkeypatch, damage):
+    helpers.write_cifar_tarball(tmp_path, "cifar100", np.random.default_rng(0))
+    archive = pretend_official(monkeypatch, tmp_path, "cifar100")
+    payload = bytearray(archive.read_bytes())
+    if damage == "truncated":
+        del payload[len(payload) // 2 :]
+    else:
+        payload[100] ^= 1
+    archive.write_bytes(payload)
+    actual, expected = hashlib.md5(payload).hexdigest(), input_pipeline.CIFAR["cifar100"]["md5"]
+    config = helpers.tiny_config({"dataset": "cifar100", "data_dir": str(tmp_path), "download": False})
+    with pytest.raises(
+        ValueError,
+        match=rf"{archive} is corrupt or truncated \(md5 {actual}, expected {expected}\): delete it",
+    ):
+        input_pipeline.create_dataset(config)
 
 
 def test_download_checks_md5_and_offline_errors_name_file_and_url(tmp_path, monkeypatch):

@@ -192,11 +192,16 @@ def _md5(path: str) -> str:
 
 
 def fetch(data_dir: str, url: str, md5: str, *, download: bool) -> str:
-    """Path of ``data_dir/<file name of url>``, downloading it (md5-checked) when absent."""
+    """Path of ``data_dir/<file name of url>``, downloading it when absent; its md5 is checked either way."""
     path = os.path.join(data_dir, os.path.basename(url))
-    if os.path.exists(path):
-        return path
     fix = f"download {url} (md5 {md5}) into {data_dir}"
+    if os.path.exists(path):
+        if (actual := _md5(path)) != md5:
+            raise ValueError(
+                f"{path} is corrupt or truncated (md5 {actual}, expected {md5}): delete it and run again "
+                f"to download it, or {fix}"
+            )
+        return path
     if not download:
         raise FileNotFoundError(f"{path} not found; {fix}, or set --config.download=True")
     os.makedirs(data_dir, exist_ok=True)
@@ -303,6 +308,32 @@ def create_dataset(config) -> Dataset:
 # Pipelines: each process reads records process_index, process_index + process_count, ...
 
 
+def check_record(record: Record, *, split: str, image_shape: tuple[int, ...], num_classes: int) -> Record:
+    """``record`` (transformed) unchanged, or ValueError if its image or label do not fit the data set."""
+    image, label = record["image"], np.asarray(record["label"])
+    if np.shape(image) != tuple(image_shape):
+        raise ValueError(
+            f"a {split} record's image has shape {np.shape(image)}, but the data set's image_shape is "
+            f"{tuple(image_shape)}: fix the records or the {split} transform"
+        )
+    if label.ndim or not np.issubdtype(label.dtype, np.integer) or not 0 <= label < num_classes:
+        raise ValueError(
+            f"a {split} record has label {label.tolist()!r}; labels must be integers in [0, {num_classes}) "
+            f"(the data set's num_classes is {num_classes})"
+        )
+    return record
+
+
+def check_dataset(data: Dataset) -> None:
+    """Check the first training and test records now, before compiling anything (the pipelines
+    check every record as they read it)."""
+    if not len(data.train) or not len(data.test):
+        raise ValueError(f"empty data set: {len(data.train)} training and {len(data.test)} test records")
+    check = functools.partial(check_record, image_shape=data.image_shape, num_classes=data.num_classes)
+    check(data.train_transform(data.train[0], np.random.default_rng(0)), split="training")
+    check(data.test_transform(data.test[0]), split="test")
+
+
 def _parallel(dataset: grain.MapDataset, workers: int) -> grain.IterDataset:
     dataset = dataset.to_iter_dataset()
     if workers:
@@ -314,6 +345,11 @@ def train_iterator(data: Dataset, *, batch_size: int, seed: int, workers: int = 
     """Endless stream of this process's slices of global batches of ``batch_size`` augmented records."""
     dataset = grain.MapDataset.source(data.train)[jax.process_index() :: jax.process_count()]
     dataset = dataset.shuffle(seed).repeat().random_map(data.train_transform, seed=seed)
+    dataset = dataset.map(
+        functools.partial(
+            check_record, split="training", image_shape=data.image_shape, num_classes=data.num_classes
+        )
+    )
     dataset = dataset.batch(batch_size // jax.process_count(), drop_remainder=True)
     return iter(_parallel(dataset, workers))
 
@@ -322,6 +358,7 @@ def _test_record(index: int, *, data: Dataset) -> Record:
     """Record ``index``; indices past the end repeat the last record with ``mask`` 0."""
     count = len(data.test)
     record = data.test_transform(data.test[min(index, count - 1)])
+    check_record(record, split="test", image_shape=data.image_shape, num_classes=data.num_classes)
     return {**record, "mask": np.float32(index < count)}
 
 

@@ -17,8 +17,24 @@ class MetricWriter:
         self.active = jax.process_index() == 0
         if self.active:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._path = os.path.join(workdir, "metrics.jsonl")
+            self._jsonl = open(self._path, "a")
             self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def forget_after(self, step: int) -> None:
+        """Drop the records of steps after ``step`` (a run resumed from ``step`` writes them again),
+        and a last line cut short by a killed process. The file is replaced atomically."""
+        if not self.active:
+            return
+        self._jsonl.close()
+        with open(self._path) as f:
+            lines = f.read().splitlines(keepends=True)
+        kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+        if len(kept) < len(lines):
+            with open(f"{self._path}.tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(f"{self._path}.tmp", self._path)
+        self._jsonl = open(self._path, "a")
 
     def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
         """Append ``{'step', 'split', **scalars}``; TensorBoard tags are ``<split>/<name>``."""

@@ -21,13 +21,15 @@ from flax.training import train_state
 from tqdm import tqdm
 
 from aacn_jax import models
-from train import checkpoint, input_pipeline, metrics, sharding
+from train import checkpoint, input_pipeline, metrics, preemption, preflight, sharding
 
 
 class TrainState(train_state.TrainState):
-    """Flax's train state (step, params, optimizer and its state) plus BatchNorm statistics."""
+    """Flax's train state (step, params, optimizer and its state) plus BatchNorm statistics and the
+    number of updates skipped for non-finite values (``nonfinite_policy='skip'``)."""
 
     batch_stats: Any
+    skipped_steps: jax.Array
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -77,7 +79,11 @@ def create_optimizer(
 def create_state(rng: jax.Array, *, model, tx: optax.GradientTransformation, image_shape) -> TrainState:
     variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     return TrainState.create(
-        apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"]
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=tx,
+        batch_stats=variables["batch_stats"],
+        skipped_steps=jnp.zeros((), jnp.int32),
     )
 
 
@@ -94,10 +100,14 @@ def train_step(
     rng: jax.Array,
     lr_fn: optax.Schedule,
     label_smoothing: float,
+    skip_nonfinite: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch; BatchNorm statistics are over the global batch.
 
     Dropout (where a model has it) draws from ``fold_in(rng, step)``: a resumed run repeats it exactly.
+    Metric ``finite`` is False when the loss, the gradients or the new parameters are not finite; with
+    ``skip_nonfinite`` such a step keeps the old parameters, optimizer state and BatchNorm statistics
+    (the step counter still advances past the batch) and counts itself in ``skipped_steps``.
     """
 
     def loss_fn(params):
@@ -114,13 +124,20 @@ def train_step(
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(new_state.params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+    if skip_nonfinite:
+        skipped = state.replace(step=new_state.step, skipped_steps=state.skipped_steps + 1)
+        new_state = jax.tree.map(functools.partial(jnp.where, finite), new_state, skipped)
     step_metrics = {
         "loss": loss,
         "top1": correct(logits, batch["label"], 1).mean(),
         "top5": correct(logits, batch["label"], 5).mean(),
         "learning_rate": lr_fn(state.step),
-        "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(new_state.params),  # not finite: diverged at this step
+        "grad_norm": grad_norm,
+        "param_norm": param_norm,
+        "finite": finite,
+        "skipped_steps": new_state.skipped_steps,
     }
     return new_state, step_metrics
 
@@ -147,27 +164,52 @@ def evaluate(state: TrainState, *, p_eval_step, batches, mesh) -> dict[str, floa
     return {name: float(total / count) for name, total in totals.items()}
 
 
-def summarize(history: list[dict[str, jax.Array]], last_step: int, manager) -> dict[str, float]:
-    """Mean of the per-step metrics of steps ``last_step - len(history) + 1 .. last_step``.
+def summarize(history: list[dict[str, jax.Array]], last_step: int, *, config, manager) -> dict[str, float]:
+    """Means over the finite steps of the per-step metrics of steps ``last_step - len(history) + 1 ..
+    last_step``, and ``skipped_steps``, the run's total of skipped updates.
 
-    Raises FloatingPointError naming the first step whose loss or new parameters are not finite
-    (nothing after the last good checkpoint is saved: ``manager``'s latest step is still good).
+    Raises FloatingPointError naming the first non-finite step (``nonfinite_policy='stop'``) or when more
+    than ``max_skipped_steps`` updates were skipped (``'skip'``). Nothing after the last good checkpoint
+    has been saved then: ``manager``'s latest step is still good.
     """
     history = jax.device_get(history)
-    for index, step_metrics in enumerate(history):
-        if not (np.isfinite(step_metrics["loss"]) and np.isfinite(step_metrics["param_norm"])):
-            manager.wait_until_finished()
-            raise FloatingPointError(
-                f"training diverged at step {last_step - len(history) + index + 1} (loss "
-                f"{step_metrics['loss']}, parameter norm {step_metrics['param_norm']}): stopped without "
-                f"saving. The last good checkpoint is step {manager.latest_step()} in {manager.directory}; "
-                "training resumes from it when restarted (e.g. with a lower --config.learning_rate)."
-            )
-    return {name: float(np.mean([m[name] for m in history])) for name in history[0]}
+    first_step = last_step - len(history) + 1
+    bad_steps = [first_step + i for i, step_metrics in enumerate(history) if not step_metrics["finite"]]
+    skipped_steps = int(history[-1]["skipped_steps"])
+    if bad_steps and (config.nonfinite_policy == "stop" or skipped_steps > config.max_skipped_steps):
+        manager.wait_until_finished()
+        bad = history[bad_steps[0] - first_step]
+        reason = (
+            f"training diverged at step {bad_steps[0]} (loss {bad['loss']}, gradient norm "
+            f"{bad['grad_norm']}, parameter norm {bad['param_norm']})"
+            if config.nonfinite_policy == "stop"
+            else f"{skipped_steps} updates skipped for non-finite values (max_skipped_steps="
+            f"{config.max_skipped_steps}), the last at step {bad_steps[-1]}"
+        )
+        raise FloatingPointError(
+            f"{reason}: stopped without saving. The last good checkpoint is step {manager.latest_step()} "
+            f"in {manager.directory}; training resumes from it when restarted (e.g. with a lower "
+            "--config.learning_rate)."
+        )
+    if bad_steps and jax.process_index() == 0:
+        print(
+            f"Skipped the updates of steps {bad_steps}: non-finite loss, gradients or parameters", flush=True
+        )
+    good = [step_metrics for step_metrics in history if step_metrics["finite"]] or history
+    names = [name for name in history[0] if name not in ("finite", "skipped_steps")]
+    return {name: float(np.mean([m[name] for m in good])) for name in names} | {
+        "skipped_steps": skipped_steps
+    }
 
 
-def train_loop(config, state, train_iter, p_train_step, evaluate_fn, *, num_steps, mesh, manager, writer):
-    """Steps ``state.step + 1 .. num_steps``: log, checkpoint and evaluate at the configured intervals."""
+def train_loop(
+    config, state, train_iter, p_train_step, evaluate_fn, *, num_steps, mesh, manager, writer, stop
+) -> TrainState:
+    """Steps ``state.step + 1 .. num_steps``: log, checkpoint and evaluate at the configured intervals.
+
+    Returns early, after saving a checkpoint of the last step, when ``stop`` (a
+    :class:`preemption.StopRequests`) says so.
+    """
     first_step = int(state.step)
     history = []  # per-step metrics, left on the devices until the next log
     interval_start = time.perf_counter()
@@ -176,12 +218,13 @@ def train_loop(config, state, train_iter, p_train_step, evaluate_fn, *, num_step
             state, step_metrics = p_train_step(state, sharding.global_batch(next(train_iter), mesh))
             history.append(step_metrics)
             bar.update()
-            save_now = step % config.checkpoint_every_steps == 0 or step == num_steps
+            stop_now = stop.requested(step)
+            save_now = step % config.checkpoint_every_steps == 0 or step == num_steps or stop_now
             # The final evaluation is the caller's.
-            evaluate_now = step % config.eval_every_steps == 0 and step < num_steps
+            evaluate_now = step % config.eval_every_steps == 0 and step < num_steps and not stop_now
             if step % config.log_every_steps and not save_now and not evaluate_now:
                 continue
-            record = summarize(history, step, manager)  # waits for the steps to finish
+            record = summarize(history, step, config=config, manager=manager)  # waits for the steps
             record["images_per_sec"] = (
                 len(history) * config.batch_size / (time.perf_counter() - interval_start)
             )
@@ -189,7 +232,9 @@ def train_loop(config, state, train_iter, p_train_step, evaluate_fn, *, num_step
             bar.set_postfix(loss=f"{record['loss']:.4f}", images_per_sec=f"{record['images_per_sec']:.0f}")
             history = []
             if save_now:
-                checkpoint.save(manager, step, state, train_iter)
+                checkpoint.save(manager, step, state, train_iter, wait=stop_now)
+            if stop_now:
+                return state
             if evaluate_now:
                 writer.write(step, "eval", evaluate_fn(state))
             interval_start = time.perf_counter()
@@ -197,14 +242,22 @@ def train_loop(config, state, train_iter, p_train_step, evaluate_fn, *, num_step
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, *, eval_only: bool = False
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    eval_only: bool = False,
+    data: input_pipeline.Dataset | None = None,
 ) -> TrainState:
     """Train as ``config`` says, resuming from the latest checkpoint in ``workdir``; evaluate at the end.
 
-    With ``eval_only``, evaluate the latest checkpoint without training. Returns the final state.
-    Every process runs this same function; only process 0 writes metrics and the progress bar.
+    With ``eval_only``, evaluate the latest checkpoint without training. ``data`` replaces the data set
+    named by ``config.dataset`` (any :class:`input_pipeline.Dataset`). Returns the final state, or,
+    when SIGTERM or SIGINT stopped the run early, the state of the checkpoint just saved (without
+    the final evaluation). Every process runs this same function; only process 0 writes metrics and
+    the progress bar.
     """
     start_time = time.perf_counter()
+    preflight.check_config(config)
     if config.distributed:
         jax.distributed.initialize()
     if config.batch_size % jax.device_count():
@@ -213,7 +266,8 @@ def train_and_evaluate(
             f"{jax.device_count()} ({jax.local_device_count()} on each of {jax.process_count()} processes)"
         )
     mesh = sharding.make_mesh()
-    data = input_pipeline.create_dataset(config)
+    data = data or input_pipeline.create_dataset(config)
+    input_pipeline.check_dataset(data)
     model = create_model(config, data.num_classes)
     steps_per_epoch = len(data.train) // config.batch_size
     num_steps = config.num_train_steps
@@ -238,42 +292,68 @@ def train_and_evaluate(
         mesh=mesh,
     )
 
+    if not eval_only:
+        kept = min(len(checkpoint.saved_steps(workdir)), config.max_checkpoints_to_keep)
+        preflight.check_workdir(
+            workdir,
+            checkpoint_bytes=preflight.state_bytes(abstract_state),
+            checkpoints_to_write=config.max_checkpoints_to_keep + 1 - kept,  # + 1: the one being written
+        )
     manager = checkpoint.create_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
     # Closing the manager waits for the asynchronous saves, also when training stops with an error.
     with manager, metrics.MetricWriter(workdir) as writer:
+        if manager.latest_step() is not None:
+            checkpoint.check_compatible(manager, abstract_state)
         if eval_only:
             if manager.latest_step() is None:
                 raise FileNotFoundError(f"--eval_only: no checkpoint in {manager.directory}")
             state = checkpoint.restore(manager, abstract_state)
         else:
-            train_iter = input_pipeline.train_iterator(
-                data, batch_size=config.batch_size, seed=config.seed, workers=config.data_workers
-            )
-            if manager.latest_step() is None:
-                state = jax.jit(init, out_shardings=state_sharding)(init_rng)
-            else:
-                state = checkpoint.restore(manager, abstract_state, train_iter)
-                if writer.active:
-                    print(f"Resuming from the checkpoint of step {int(state.step)} in {manager.directory}")
             p_train_step = jax.jit(
                 functools.partial(
-                    train_step, rng=dropout_rng, lr_fn=lr_fn, label_smoothing=config.label_smoothing
+                    train_step,
+                    rng=dropout_rng,
+                    lr_fn=lr_fn,
+                    label_smoothing=config.label_smoothing,
+                    skip_nonfinite=config.nonfinite_policy == "skip",
                 ),
                 in_shardings=(state_sharding, batch_sharded),
                 out_shardings=(state_sharding, replicated),
                 donate_argnums=0,
             )
-            state = train_loop(
-                config,
-                state,
-                train_iter,
-                p_train_step,
-                evaluate_fn,
-                num_steps=num_steps,
-                mesh=mesh,
-                manager=manager,
-                writer=writer,
-            )
+            with preemption.StopRequests() as stop:
+                train_iter = input_pipeline.train_iterator(
+                    data, batch_size=config.batch_size, seed=config.seed, workers=config.data_workers
+                )
+                if manager.latest_step() is None:
+                    state = jax.jit(init, out_shardings=state_sharding)(init_rng)
+                else:
+                    state = checkpoint.restore(manager, abstract_state, train_iter)
+                    if writer.active:
+                        print(
+                            f"Resuming from the checkpoint of step {int(state.step)} in {manager.directory}"
+                        )
+                writer.forget_after(int(state.step))  # the records of steps that are about to be redone
+                state = train_loop(
+                    config,
+                    state,
+                    train_iter,
+                    p_train_step,
+                    evaluate_fn,
+                    num_steps=num_steps,
+                    mesh=mesh,
+                    manager=manager,
+                    writer=writer,
+                    stop=stop,
+                )
+            if stop.signal_name:
+                if writer.active:
+                    print(
+                        f"Stopped by {stop.signal_name} after step {int(state.step)}, checkpoint saved in "
+                        f"{manager.directory}; run the same command to resume.",
+                        flush=True,
+                    )
+                return state
         step = int(state.step)
         results = evaluate_fn(state)
         writer.write(step, "eval", results)

@@ -43,6 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.weight_decay = 5e-4
     config.label_smoothing = 0.0
     config.seed = 0
+    # Non-finite loss, gradients or parameters: "stop" names the step and exits, keeping the last good
+    # checkpoint; "skip" leaves the state as it was before that step and counts the skipped updates.
+    config.nonfinite_policy = "stop"  # stop | skip
+    config.max_skipped_steps = 100  # "skip": stop anyway once more updates than this were skipped
 
     # Loop, logging and checkpoints (intervals in steps).
     config.log_every_steps = 20
