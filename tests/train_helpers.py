@@ -1,5 +1,5 @@
 """Helpers for the training-script tests: a tiny config, CIFAR tarballs in the official format, and
-the worker of the two-process test (``python tests/train_helpers.py PORT PROCESS_ID WORKDIR``)."""
+the worker of the two-process tests (``python tests/train_helpers.py PORT PROCESS_ID WORKDIR [STEPS]``)."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def write_cifar_tarball(data_dir: pathlib.Path, name: str, rng: np.random.Genera
     )
 
 
-def two_process_worker(port: int, process_id: int, workdir: str) -> None:
+def two_process_worker(port: int, process_id: int, workdir: str, num_steps: int = 3) -> None:
     """One of two processes (2 CPU devices each) training TINY on a 4-device global mesh."""
     import jax
 
@@ -105,10 +105,10 @@ def two_process_worker(port: int, process_id: int, workdir: str) -> None:
     from train import train
 
     logging.set_verbosity(logging.WARNING)
-    state = train.train_and_evaluate(tiny_config({"model": "resnet_cifar", "num_train_steps": 3}), workdir)
+    state = train.train_and_evaluate(tiny_config({"model": "resnet_cifar", "num_train_steps": num_steps}), workdir)
     np.savez(os.path.join(workdir, f"params_{process_id}.npz"), **flat_params(state.params))
     jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
-    two_process_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    two_process_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:]))
