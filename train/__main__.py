@@ -2,7 +2,8 @@
 
 With no arguments it trains the default config (an AA-ResNet on scikit-learn's digits) in
 ``runs/digits``. Running the same command again resumes from the latest checkpoint;
-``--eval_only`` evaluates that checkpoint.
+``--eval_only`` evaluates that checkpoint. SIGTERM or Ctrl-C saves a checkpoint of the current
+step and exits 0 (README, "Preemption and resume").
 """
 
 import os
