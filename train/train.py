@@ -197,9 +197,8 @@ def summarize(history: list[dict[str, jax.Array]], last_step: int, *, config, ma
         )
     good = [step_metrics for step_metrics in history if step_metrics["finite"]] or history
     names = [name for name in history[0] if name not in ("finite", "skipped_steps")]
-    return {name: float(np.mean([m[name] for m in good])) for name in names} | {
-        "skipped_steps": skipped_steps
-    }
+    means = {name: float(np.mean([m[name] for m in good])) for name in names}
+    return {**means, "skipped_steps": skipped_steps}
 
 
 def train_loop(
