@@ -496,6 +496,30 @@ def test_gradients_check_grads(impl, use_rel):
         check_grads(fn, args, order=1, modes=["rev"], eps=1e-3, atol=5e-3, rtol=5e-3)
 
 
+@pytest.mark.parametrize("use_rel", [False, True])
+def test_gradients_match_central_differences_of_the_float64_reference(impl, use_rel):
+    """Every input's float32 gradient against central differences of the float64 reference loops,
+    to 1e-4 of the largest gradient (check_grads above only sees random directional derivatives)."""
+    rng = np.random.default_rng(620)
+    B, H, W, N, dk, dv = 1, 2, 3, 2, 3, 2
+    args = [*_qkv(rng, B, H, W, N, dk, dv, dtype=np.float64), *_rel(rng, H, W, dk, dtype=np.float64)]
+    args = args if use_rel else args[:3]
+    cotangent = rng.normal(size=(B, H, W, N, dv))
+    loss_ref = lambda *a: float(np.sum(self_attention_2d_ref(*a) * cotangent))
+    loss = lambda *a: jnp.sum(_attn(impl, *a) * cotangent.astype(np.float32))
+    grads = jax.grad(loss, argnums=tuple(range(len(args))))(*(a.astype(np.float32) for a in args))
+    eps = 1e-6
+    for index, (arg, grad) in enumerate(zip(args, grads, strict=True)):
+        expected = np.zeros_like(arg)
+        for position in np.ndindex(arg.shape):
+            shifted = [list(args), list(args)]
+            for sign, variant in zip((1, -1), shifted, strict=True):
+                variant[index] = arg.copy()
+                variant[index][position] += sign * eps
+            expected[position] = (loss_ref(*shifted[0]) - loss_ref(*shifted[1])) / (2 * eps)
+        np.testing.assert_allclose(grad, expected, rtol=0, atol=1e-4 * np.abs(expected).max(), err_msg=index)
+
+
 def test_gradients_are_nonzero_for_every_input(impl):
     """Guards against inputs silently cut from the graph (e.g. stop_gradient)."""
     rng = np.random.default_rng(610)
