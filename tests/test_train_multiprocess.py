@@ -22,11 +22,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_workers(tmp_path, *extra_args: str) -> list[subprocess.Popen]:
+def start_workers(tmp_path, *extra: str) -> list[subprocess.Popen]:
     port = free_port()
     return [
         subprocess.Popen(
-            [sys.executable, "tests/train_helpers.py", str(port), str(process_id), str(tmp_path), *extra_args],
+            [sys.executable, "tests/train_helpers.py", str(port), str(process_id), str(tmp_path), *extra],
             cwd=helpers.REPO,
             env=helpers.subprocess_env(2),
             stdout=subprocess.PIPE,

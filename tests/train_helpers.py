@@ -105,7 +105,8 @@ def two_process_worker(port: int, process_id: int, workdir: str, num_steps: int 
     from train import train
 
     logging.set_verbosity(logging.WARNING)
-    state = train.train_and_evaluate(tiny_config({"model": "resnet_cifar", "num_train_steps": num_steps}), workdir)
+    config = tiny_config({"model": "resnet_cifar", "num_train_steps": num_steps})
+    state = train.train_and_evaluate(config, workdir)
     np.savez(os.path.join(workdir, f"params_{process_id}.npz"), **flat_params(state.params))
     jax.distributed.shutdown()
 
