@@ -155,7 +155,7 @@ def test_sigkill_during_checkpoint_writes(tmp_path, uninterrupted):
         )
         if run.resumed_from:
             assert f"Resuming from the checkpoint of step {run.resumed_from}" in run.output(), kills
-    assert half_written >= 3, kills  # most kills did land while the checkpoint was incomplete
+    assert half_written >= 2, kills  # kills did land while the checkpoint was incomplete
     check_restart_and_finish(workdir, uninterrupted, kills)
 
 

@@ -330,7 +330,8 @@ def train_and_evaluate(
                     state = checkpoint.restore(manager, abstract_state, train_iter)
                     if writer.active:
                         print(
-                            f"Resuming from the checkpoint of step {int(state.step)} in {manager.directory}"
+                            f"Resuming from the checkpoint of step {int(state.step)} in {manager.directory}",
+                            flush=True,  # before a kill can discard the buffer
                         )
                 writer.forget_after(int(state.step))  # the records of steps that are about to be redone
                 state = train_loop(
