@@ -24,7 +24,8 @@ def run(tmp_path, overrides=None, **kwargs):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"batch_sise": 8}, r"unknown config key\(s\) 'batch_sise' \(did you mean \['batch_size'\]\?\)"),
+        ({"batch_sise": 8}, r"unknown config key\(s\) 'batch_sise' \(did you mean 'batch_size'\?\)"),
+        ({"zzz": 1}, r"unknown config key\(s\) 'zzz'; train/configs/default.py defines every key"),
         ({"nonfinite_policy": "ignore"}, r"nonfinite_policy='ignore' must be one of \('stop', 'skip'\)"),
         ({"checkpoint_every_steps": 0}, r"checkpoint_every_steps=0 must be positive"),
         ({"dtype": "int8"}, r"dtype='int8' must be a floating-point type"),

@@ -37,7 +37,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     missing keys, and values out of range."""
     known, given = _flat_keys(default.get_config().to_dict()), _flat_keys(config.to_dict())
     if unknown := sorted(given - known):
-        hints = [f"{key!r} (did you mean {difflib.get_close_matches(key, known, 1)}?)" for key in unknown]
+        close = {key: difflib.get_close_matches(key, known, 1) for key in unknown}
+        hints = [
+            f"{key!r}" + (f" (did you mean {close[key][0]!r}?)" if close[key] else "") for key in unknown
+        ]
         raise ValueError(
             f"unknown config key(s) {', '.join(hints)}; train/configs/default.py defines every key"
         )
