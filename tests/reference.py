@@ -60,42 +60,24 @@ def self_attention_2d_ref(q, k, v, rel_h=None, rel_w=None):
     ``qs·k[b,x2,y2,n] + relative_logits(qs)[b,n,x,y,x2,y2]`` with
     ``qs = q * dk**-0.5``; softmax over the H*W keys; weighted sum of ``v``.
     """
-    q, k, v = _f64(q), _f64(k), _f64(v)
-    B, H, W, N, dk = q.shape
-    dv = v.shape[-1]
-    assert k.shape == q.shape, (k.shape, q.shape)
-    assert v.shape[:-1] == q.shape[:-1], (v.shape, q.shape)
-    if (rel_h is None) != (rel_w is None):
-        raise ValueError("rel_h and rel_w must both be given or both be None")
-    qs = q * dk**-0.5
-    rel = None
-    if rel_h is not None:
-        rel = relative_logits_ref(qs, rel_h, rel_w)
-    out = np.zeros((B, H, W, N, dv), dtype=np.float64)
+    v = _f64(v)
+    B, H, W, N, _ = np.shape(q)
+    assert v.shape[:-1] == np.shape(q)[:-1], (v.shape, np.shape(q))
+    weights = attention_weights_ref(q, k, rel_h, rel_w)
+    out = np.zeros((B, H, W, N, v.shape[-1]), dtype=np.float64)
     for b in range(B):
         for n in range(N):
             for x in range(H):
                 for y in range(W):
-                    qv = qs[b, x, y, n]
-                    logits = np.zeros((H, W), dtype=np.float64)
                     for x2 in range(H):
                         for y2 in range(W):
-                            logits[x2, y2] = np.dot(qv, k[b, x2, y2, n])
-                            if rel is not None:
-                                logits[x2, y2] += rel[b, n, x, y, x2, y2]
-                    m = logits.max()
-                    e = np.exp(logits - m)
-                    w = e / e.sum()
-                    acc = np.zeros((dv,), dtype=np.float64)
-                    for x2 in range(H):
-                        for y2 in range(W):
-                            acc += w[x2, y2] * v[b, x2, y2, n]
-                    out[b, x, y, n] = acc
+                            out[b, x, y, n] += weights[b, n, x, y, x2, y2] * v[b, x2, y2, n]
     return out
 
 
 def attention_weights_ref(q, k, rel_h=None, rel_w=None):
-    """Softmax attention probabilities ``[B,N,H,W,H,W]`` (float64) of :func:`self_attention_2d_ref`.
+    """Softmax attention probabilities ``[B,N,H,W,H,W]`` (float64), which :func:`self_attention_2d_ref`
+    applies to v.
 
     ``out[b,n,x,y,x2,y2] = exp(l[x2,y2]) / sum_{x3,y3} exp(l[x3,y3])`` where, with
     ``qs = q * dk**-0.5``, ``l[x2,y2] = qs[b,x,y,n]·k[b,x2,y2,n]`` plus, with tables,

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests import train_helpers as helpers
+from train import checkpoint
 
 # 24 steps of the tiny model, a checkpoint every 4 steps (written in ~0.2 s, steps take ~20 ms).
 FLAGS = helpers.cli_flags({"num_train_steps": 24, "checkpoint_every_steps": 4, "max_checkpoints_to_keep": 2})
@@ -76,8 +77,7 @@ def checkpoint_dir(workdir):
 
 
 def complete_steps(workdir) -> list[int]:
-    directory = checkpoint_dir(workdir)
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+    return checkpoint.saved_steps(str(workdir))
 
 
 def writes(workdir) -> dict[str, int]:
