@@ -7,8 +7,9 @@ stages at 56/28/14/7; 8 heads, 20 key dims per head) it times forward+backward o
   blockwise      relative attention, query rows in blocks, rematerialised in the backward pass
   auto           relative attention as the library runs it by default (implementation=None)
   paper_port     a straightforward port of the paper's listing (tiled relative logits)
-and records median seconds, XLA temporary bytes, optionally the peak RSS of a fresh process,
-and the fraction of this machine's measured matmul FLOP/s. Every implementation is first
+and records median seconds (the implementations of a shape timed in interleaved rounds), XLA
+temporary bytes, optionally the peak RSS of a fresh process, and the fraction of this machine's
+measured matmul FLOP/s. Every implementation is first
 checked against ``dense`` (outputs and gradients). ``--quick`` runs tiny shapes only (the
 agreement check, for CI) and writes nothing.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 
@@ -117,19 +119,26 @@ def check_agreement(shape: Shape, names) -> None:
             )
 
 
-def measure_one(shape: Shape, name: str, peak_flops: float) -> dict:
+def measure_shape(shape: Shape, peak_flops: float, repeats: int = 7) -> list[dict]:
+    """One row per implementation; their times come from interleaved rounds (see ``measure``)."""
     args = shape.arrays()
-    fn = forward_backward(name)
-    seconds = measure.median_seconds(fn, *args, repeats=5, min_seconds=0.5)
-    flops = 3 * shape.forward_flops(relative=name in RELATIVE)  # backward ~ 2x forward
-    return {
-        "shape": dataclasses.asdict(shape),
-        "implementation": name,
-        "seconds": seconds,
-        "temp_bytes": measure.compiled_temp_bytes(fn, *args),
-        "flops": flops,
-        "flops_fraction": flops / seconds / peak_flops,
-    }
+    fns = {name: forward_backward(name) for name in IMPLEMENTATIONS}
+    calls = {name: functools.partial(fn, *args) for name, fn in fns.items()}
+    seconds = measure.interleaved_median_seconds(calls, repeats=repeats, min_seconds=0.5)
+    rows = []
+    for name, fn in fns.items():
+        flops = 3 * shape.forward_flops(relative=name in RELATIVE)  # backward ~ 2x forward
+        rows.append(
+            {
+                "shape": dataclasses.asdict(shape),
+                "implementation": name,
+                "seconds": seconds[name],
+                "temp_bytes": measure.compiled_temp_bytes(fn, *args),
+                "flops": flops,
+                "flops_fraction": flops / seconds[name] / peak_flops,
+            }
+        )
+    return rows
 
 
 def _one_process_rss(shape: Shape, name: str) -> int:
@@ -183,10 +192,9 @@ def main(argv=None) -> None:
     print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
     rows = []
     for shape in shapes:
-        for name in IMPLEMENTATIONS:
-            row = measure_one(shape, name, peak)
+        for row in measure_shape(shape, peak):
             if not args.no_rss:
-                row["rss_bytes"] = _one_process_rss(shape, name)
+                row["rss_bytes"] = _one_process_rss(shape, row["implementation"])
             rows.append(row)
             print(_format([row]).splitlines()[1], flush=True)
     path = measure.write_results("attention", {"matmul_flops_per_second": peak, "rows": rows})

@@ -1,21 +1,25 @@
 """Timing, memory and machine facts shared by the benchmarks.
 
-Times are medians of repeated calls after compilation (``block_until_ready`` on every call).
+Times are medians of repeated calls after compilation (``block_until_ready`` on every call);
+calls compared with each other are timed in interleaved rounds.
 Memory is XLA's compiled memory analysis (temporaries the program needs besides its arguments
 and outputs) and, where asked, the peak resident set size of a fresh process.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
 import platform
+import random
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,13 +29,31 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 def median_seconds(fn: Callable, *args, repeats: int = 5, min_seconds: float = 0.0) -> float:
     """Median wall time of ``fn(*args)`` over ``repeats`` calls after one warm-up (compile) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    while len(times) < repeats or sum(times) < min_seconds:
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    call = functools.partial(fn, *args)
+    return interleaved_median_seconds({"": call}, repeats=repeats, min_seconds=min_seconds)[""]
+
+
+def interleaved_median_seconds(
+    calls: dict[str, Callable[[], Any]], repeats: int = 5, min_seconds: float = 0.0
+) -> dict[str, float]:
+    """Median wall time of each call, after one warm-up (compile) call each.
+
+    The calls are timed in rounds, each round calling every one once, in an order shuffled anew
+    (seeded), until there are ``repeats`` rounds and each call has run ``min_seconds`` in all; so a
+    change in the machine's load during the run shifts every call alike, and no call always runs
+    right after the same neighbour (a call that frees much memory slows the next one).
+    """
+    for call in calls.values():
+        jax.block_until_ready(call())
+    times = {name: [] for name in calls}
+    order = random.Random(0)
+    while min(len(t) for t in times.values()) < repeats or min(sum(t) for t in times.values()) < min_seconds:
+        for name in order.sample(list(calls), len(calls)):
+            call = calls[name]
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def compiled_temp_bytes(jitted: Callable, *args) -> int:

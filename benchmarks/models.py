@@ -1,9 +1,9 @@
 """Train-step speed and memory of AA models against their plain twins: ``python -m benchmarks.models``.
 
-Each pair is measured in one run, so the ratio compares like with like: one SGD step (forward,
-backward, BatchNorm update) at a small batch, median seconds after compilation, images/s, and
-XLA's temporary bytes. The paper's FLOP ratios for reference: AA-WRN-28-10 / WRN-28-10 about
-10.9 / 10.4, AA-ResNet-50 / ResNet-50 8.3 / 8.2.
+Each pair is measured in one run, its two steps timed in interleaved rounds, so the ratio
+compares like with like: one SGD step (forward, backward, BatchNorm update) at a small batch,
+median seconds after compilation, images/s, and XLA's temporary bytes. The paper's FLOP ratios
+for reference: AA-WRN-28-10 / WRN-28-10 about 10.9 / 10.4, AA-ResNet-50 / ResNet-50 8.3 / 8.2.
 """
 
 from __future__ import annotations
@@ -46,29 +46,36 @@ def train_step_fn(model):
     return jax.jit(step, donate_argnums=0)
 
 
-def measure_model(name: str, size: int, num_classes: int, batch: int) -> dict:
+def prepare_model(name: str, size: int, num_classes: int, batch: int):
+    """A row of facts about the model and a no-argument call that runs one train step."""
     model = models.create(name, num_classes=num_classes)
     images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
     labels = jnp.zeros((batch,), jnp.int32)
     variables = model.init(jax.random.key(1), images, train=False)
     step = train_step_fn(model)
-    temp_bytes = measure.compiled_temp_bytes(step, variables, images, labels)
-    state = {"variables": step(variables, images, labels)}  # compile; the input buffers are donated
-
-    def run():
-        state["variables"] = step(state["variables"], images, labels)
-        return state["variables"]
-
-    seconds = measure.median_seconds(run, repeats=3)
-    return {
+    row = {
         "model": name,
         "input_size": size,
         "batch": batch,
-        "seconds_per_step": seconds,
-        "images_per_second": batch / seconds,
-        "temp_bytes": temp_bytes,
+        "temp_bytes": measure.compiled_temp_bytes(step, variables, images, labels),
         "params": models.count_params(variables["params"]),
     }
+    state = {"variables": variables}
+
+    def run():  # the input buffers are donated, so each step consumes the last one's output
+        state["variables"] = step(state["variables"], images, labels)
+        return state["variables"]
+
+    return row, run
+
+
+def measure_pair(names, size: int, num_classes: int, batch: int, repeats: int = 5) -> list[dict]:
+    """Rows of a plain model and its AA twin, their steps timed in interleaved rounds."""
+    prepared = {name: prepare_model(name, size, num_classes, batch) for name in names}
+    calls = {name: run for name, (_, run) in prepared.items()}
+    seconds = measure.interleaved_median_seconds(calls, repeats=repeats)
+    rows = [row | {"seconds_per_step": seconds[name]} for name, (row, _) in prepared.items()]
+    return [row | {"images_per_second": batch / row["seconds_per_step"]} for row in rows]
 
 
 def main(argv=None) -> None:
@@ -78,7 +85,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     rows = []
     for names, size, num_classes, batch in QUICK_PAIRS if args.quick else PAIRS:
-        plain, augmented = (measure_model(n, size, num_classes, batch) for n in names)
+        plain, augmented = measure_pair(names, size, num_classes, batch)
         ratio = plain["images_per_second"] / augmented["images_per_second"]
         memory_ratio = augmented["temp_bytes"] / plain["temp_bytes"]
         for row in (plain, augmented):

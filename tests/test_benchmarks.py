@@ -1,9 +1,12 @@
-"""The benchmark suite's quick mode: every attention implementation agrees with the dense path."""
+"""The benchmark suite: quick mode (every attention implementation agrees with dense), timing, rows."""
 
+import time
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import attention, models
+from benchmarks import attention, measure, models
 
 
 def test_attention_quick_checks_agreement(capsys):
@@ -25,3 +28,27 @@ def test_models_quick_reports_both_twins(capsys):
     ratio = float(out.split("time ")[1].split("x")[0])
     assert "resnet_cifar" in out and "aa_resnet_cifar" in out
     assert np.isfinite(ratio) and ratio > 0
+
+
+def test_interleaved_timing_calls_each_once_per_round():
+    order = []
+
+    def call(name, pause):
+        def run():
+            order.append(name)
+            time.sleep(pause)
+            return jnp.zeros(())
+
+        return run
+
+    seconds = measure.interleaved_median_seconds({"a": call("a", 0.0), "b": call("b", 0.02)}, repeats=3)
+    rounds = [sorted(order[i : i + 2]) for i in range(0, len(order), 2)]
+    assert rounds == [["a", "b"]] * 4  # one warm-up round, then three timed rounds
+    assert seconds["b"] >= 0.02 and seconds.keys() == {"a", "b"}
+
+
+def test_attention_full_mode_rows_on_a_tiny_shape():
+    rows = attention.measure_shape(attention.QUICK_SHAPES[0], peak_flops=1e9, repeats=1)
+    assert [r["implementation"] for r in rows] == list(attention.IMPLEMENTATIONS)
+    for row in rows:
+        assert row["seconds"] > 0 and row["temp_bytes"] >= 0 and row["flops_fraction"] > 0

@@ -42,6 +42,7 @@ IMPLEMENTATIONS = ("dense", "blockwise")
 # (cache-sized) is both faster and far leaner than dense.
 DEFAULT_MEMORY_BUDGET_BYTES = 32 * 2**20  # dense logits allowed by implementation=None
 DEFAULT_BLOCK_BYTES = 8 * 2**20  # logits of one block when block_size=None
+_FUSED_VALUE_DEPTH = 8  # per-head value depth up to which _value_products avoids a matmul
 _F32 = jnp.float32
 
 
@@ -60,57 +61,69 @@ def _check_args(q, k, v, rel_h, rel_w) -> None:
 
 
 def _block_logits(q, k, table_h, table_w):
-    """Logits ``[B, N, R, W, H*W]`` (float32) of R query rows ``q [B, R, W, N, d]`` against all keys.
+    """Logits ``[B, N, R*W, H*W]`` (float32) of R query rows ``q [B, N, R, W, d]`` against all keys.
 
-    ``table_h [R, H, d]`` are those rows' absolute r^H entries, ``table_w [W, W, d]``; or both None.
+    ``k [B, N, H*W, d]``; ``table_h [R, H, d]`` are the query rows' absolute r^H entries,
+    ``table_w [W, W, d]``; or both None.
     """
-    batch, rows, width, heads, _ = q.shape
-    logits = jnp.einsum("bxynd,bzwnd->bnxyzw", q, k, preferred_element_type=_F32)  # B, N, R, W, H, W
-    if table_h is not None:
-        logits_h, logits_w = relative_logit_factors(q, table_h, table_w)  # B,N,R,W,H and B,N,R,W,W
-        logits = logits + logits_h[..., :, None] + logits_w[..., None, :]
-    return logits.reshape(batch, heads, rows, width, -1)  # B, N, R, W, HW
+    batch, heads, rows, width, depth = q.shape
+    queries = q.reshape(batch, heads, rows * width, depth)
+    logits = jnp.einsum("bnqd,bntd->bnqt", queries, k, preferred_element_type=_F32)
+    if table_h is None:
+        return logits
+    logits_h, logits_w = relative_logit_factors(q, table_h, table_w)  # B,N,R,W,H and B,N,R,W,W
+    logits = logits.reshape(*logits_h.shape, width) + logits_h[..., :, None] + logits_w[..., None, :]
+    return logits.reshape(*queries.shape[:-1], -1)
 
 
-def _flat(x):
-    """``[B, H, W, N, d] -> [B, HW, N, d]``."""
-    return x.reshape(x.shape[0], -1, *x.shape[3:])
+def _value_products(d_out, v):
+    """``d_out[q] . v[t]`` for every query q and key t: ``[B, N, Q, T]`` float32.
+
+    Attention augmentation's values are shallow per head (the paper's dv / Nh is 1-8): there a sum
+    of broadcast products, which XLA fuses into the softmax backward instead of writing the
+    ``(Q, T)`` product of a matmul to memory; a matmul for deeper values.
+    """
+    if v.shape[-1] > _FUSED_VALUE_DEPTH:
+        return jnp.einsum("bnqe,bnte->bnqt", d_out, v, preferred_element_type=_F32)
+    d_out, v = d_out.astype(_F32), v.astype(_F32)
+    return sum(d_out[..., :, None, e] * v[..., None, :, e] for e in range(v.shape[-1]))
 
 
 def _forward_block(q, k, v, table_h, table_w):
-    """Output ``[B, R, W, N, dv]`` (float32) and log-sum-exp ``[B, N, R, W]`` of one block of query rows."""
+    """Output ``[B, N, R*W, dv]`` (float32) and log-sum-exp ``[B, N, R*W]`` of rows ``q [B, N, R, W, d]``."""
     logits = _block_logits(q, k, table_h, table_w)
     peak = jnp.max(logits, axis=-1, keepdims=True)
     weights = jnp.exp(logits - peak)  # unnormalised
-    total = jnp.sum(weights, axis=-1)  # B, N, R, W
-    out = jnp.einsum("bnxyt,btne->bxyne", weights.astype(v.dtype), _flat(v), preferred_element_type=_F32)
-    out = out / jnp.moveaxis(total, 1, -1)[..., None]  # normalise the small output, not the weights
-    return out, peak[..., 0] + jnp.log(total)
+    total = jnp.sum(weights, axis=-1)
+    out = jnp.einsum("bnqt,bnte->bnqe", weights.astype(v.dtype), v, preferred_element_type=_F32)
+    return out / total[..., None], peak[..., 0] + jnp.log(total)  # normalise the small output
 
 
 def _backward_block(q, k, v, table_h, table_w, d_out, delta, lse):
-    """Gradients of one block: dq ``[B, R, W, N, d]`` and this block's parts of dk, dv, d table_h, d table_w.
+    """Gradients of rows ``q [B, N, R, W, d]``: dq and this block's dk^T, dv^T, d table_h, d table_w.
 
-    ``delta [B, N, R, W]`` is ``sum(d_out * out)`` per query, ``lse`` the forward log-sum-exp.
+    ``d_out [B, N, R*W, dv]``; ``delta [B, N, R*W]`` is ``sum(d_out * out)`` per query, ``lse`` the
+    forward log-sum-exp. dk and dv come transposed (``[B, N, d, H*W]``), the layout in which their
+    matmuls read the ``[.., R*W, H*W]`` weights without transposing them.
     """
-    weights = jnp.exp(_block_logits(q, k, table_h, table_w) - lse[..., None])  # B, N, R, W, HW
-    d_weights = jnp.einsum("bxyne,btne->bnxyt", d_out, _flat(v), preferred_element_type=_F32)
-    d_logits = weights * (d_weights - delta[..., None])  # softmax backward
+    batch, heads, rows, width, depth = q.shape
+    weights = jnp.exp(_block_logits(q, k, table_h, table_w) - lse[..., None])  # B, N, RW, HW
+    d_logits = weights * (_value_products(d_out, v) - delta[..., None])  # softmax backward
     d_logits_in = d_logits.astype(q.dtype)
-    d_q = jnp.einsum("bnxyt,btnd->bxynd", d_logits_in, _flat(k), preferred_element_type=_F32)
-    d_k = jnp.einsum("bnxyt,bxynd->btnd", d_logits_in, q, preferred_element_type=_F32).reshape(k.shape)
-    d_v = jnp.einsum("bnxyt,bxyne->btne", weights.astype(v.dtype), d_out, preferred_element_type=_F32)
-    d_v = d_v.reshape(v.shape)
+    d_q = jnp.einsum("bnqt,bntd->bnqd", d_logits_in, k, preferred_element_type=_F32).reshape(q.shape)
+    queries = q.reshape(batch, heads, rows * width, depth)
+    d_k_t = jnp.einsum("bnqd,bnqt->bndt", queries, d_logits_in, preferred_element_type=_F32)
+    d_v_t = jnp.einsum("bnqe,bnqt->bnet", d_out, weights.astype(v.dtype), preferred_element_type=_F32)
     if table_h is None:
-        return d_q, d_k, d_v, None, None
-    d_logits = d_logits.reshape(*d_logits.shape[:-1], *k.shape[1:3])  # B, N, R, W, H, W
+        return d_q, d_k_t, d_v_t, None, None
+    d_logits = d_logits.reshape(batch, heads, rows, width, table_h.shape[1], width)  # B, N, R, W, H, W
     d_h = jnp.sum(d_logits, axis=-1).astype(q.dtype)  # B, N, R, W, H
     d_w = jnp.sum(d_logits, axis=-2).astype(q.dtype)  # B, N, R, W, W
-    d_q += jnp.einsum("bnxyz,xzd->bxynd", d_h, table_h, preferred_element_type=_F32)
-    d_q += jnp.einsum("bnxyw,ywd->bxynd", d_w, table_w, preferred_element_type=_F32)
-    d_table_h = jnp.einsum("bnxyz,bxynd->xzd", d_h, q, preferred_element_type=_F32)
-    d_table_w = jnp.einsum("bnxyw,bxynd->ywd", d_w, q, preferred_element_type=_F32)
-    return d_q, d_k, d_v, d_table_h, d_table_w
+    d_q += jnp.einsum("bnxyz,xzd->bnxyd", d_h, table_h, preferred_element_type=_F32)
+    d_q += jnp.einsum("bnxyw,ywd->bnxyd", d_w, table_w, preferred_element_type=_F32)
+    d_table_h = jnp.einsum("bnxyz,bnxyd->xzd", d_h, q, preferred_element_type=_F32)
+    d_table_w = jnp.einsum("bnxyw,bnxyd->ywd", d_w, q, preferred_element_type=_F32)
+    return d_q, d_k_t, d_v_t, d_table_h, d_table_w
 
 
 def _to_blocks(x, block_size, axis):
@@ -129,22 +142,9 @@ def _from_blocks(x, axis, length):
 
 
 def _dense(q, k, v, table_h, table_w):
-    """All logits at once in ``[B, N, HW, HW]`` (heads-first) layout, differentiated by JAX."""
-    batch, height, width, heads, depth = q.shape
-    tokens = height * width
-    queries = jnp.moveaxis(q, 3, 1).reshape(batch, heads, tokens, depth)
-    k = jnp.moveaxis(k, 3, 1).reshape(batch, heads, tokens, depth)
-    v = jnp.moveaxis(v, 3, 1).reshape(batch, heads, tokens, -1)
-    logits = jnp.einsum("bnqd,bnkd->bnqk", queries, k, preferred_element_type=_F32)
-    if table_h is not None:
-        logits_h, logits_w = relative_logit_factors(q, table_h, table_w)  # B,N,H,W,H and B,N,H,W,W
-        logits = logits.reshape(batch, heads, tokens, height, width)  # B, N, HW, H, W
-        logits = logits + logits_h.reshape(batch, heads, tokens, height, 1)
-        logits = logits + logits_w.reshape(batch, heads, tokens, 1, width)
-        logits = logits.reshape(batch, heads, tokens, tokens)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bnqk,bnke->bnqe", weights, v).reshape(batch, heads, height, width, -1)
-    return jnp.moveaxis(out, 1, 3)  # B, H, W, N, dv
+    """All ``[B, N, HW, HW]`` logits at once, differentiated by JAX. Output ``[B, N, H, W, dv]``."""
+    weights = jax.nn.softmax(_block_logits(q, k, table_h, table_w), axis=-1).astype(v.dtype)
+    return jnp.einsum("bnqt,bnte->bnqe", weights, v).reshape(*q.shape[:-1], -1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -153,47 +153,53 @@ def _attention(q, k, v, table_h, table_w, block_size):
 
 
 def _attention_fwd(q, k, v, table_h, table_w, block_size):
-    height = q.shape[1]
-    blocks = (_to_blocks(q, block_size, 1), None if table_h is None else _to_blocks(table_h, block_size, 0))
+    """Blockwise attention of ``q [B, N, H, W, d]``, ``k [B, N, HW, d]``, ``v [B, N, HW, dv]``."""
+    height, width = q.shape[2:4]
+    blocks = (_to_blocks(q, block_size, 2), None if table_h is None else _to_blocks(table_h, block_size, 0))
 
     def step(_, xs):
         q_block, table_h_block = xs
         return None, _forward_block(q_block, k, v, table_h_block, table_w)
 
-    _, (out, lse) = jax.lax.scan(step, None, blocks)  # blocks, B, rows, W, N, dv and blocks, B, N, rows, W
-    out = _from_blocks(out, 1, height).astype(v.dtype)  # B, H, W, N, dv
+    _, (out, lse) = jax.lax.scan(step, None, blocks)  # blocks, B, N, rows*W, dv and blocks, B, N, rows*W
+    out = out.reshape(*out.shape[:3], block_size, width, -1)  # blocks, B, N, rows, W, dv
+    out = _from_blocks(out, 2, height).astype(v.dtype)  # B, N, H, W, dv
     return out, (q, k, v, table_h, table_w, out, lse)
 
 
 def _attention_bwd(block_size, residuals, d_out):
     q, k, v, table_h, table_w, out, lse = residuals
-    height = q.shape[1]
-    delta = jnp.einsum("bxyne,bxyne->bnxy", d_out, out, preferred_element_type=_F32)
+    batch, heads, height = q.shape[:3]
+    delta = jnp.einsum("bnxye,bnxye->bnxy", d_out, out, preferred_element_type=_F32)
     blocks = (
-        _to_blocks(q, block_size, 1),
+        _to_blocks(q, block_size, 2),
         None if table_h is None else _to_blocks(table_h, block_size, 0),
-        _to_blocks(d_out, block_size, 1),
+        _to_blocks(d_out, block_size, 2),
         _to_blocks(delta, block_size, 2),
         lse,
     )
 
     def step(carry, xs):
         q_block, table_h_block, d_out_block, delta_block, lse_block = xs
-        d_q, d_k, d_v, d_table_h, d_table_w = _backward_block(
+        d_out_block = d_out_block.reshape(batch, heads, -1, d_out_block.shape[-1])
+        delta_block = delta_block.reshape(batch, heads, -1)
+        d_q, d_k_t, d_v_t, d_table_h, d_table_w = _backward_block(
             q_block, k, v, table_h_block, table_w, d_out_block, delta_block, lse_block
         )
-        carry = jax.tree.map(jnp.add, carry, (d_k, d_v, d_table_w))
+        carry = jax.tree.map(jnp.add, carry, (d_k_t, d_v_t, d_table_w))
         return carry, (d_q, d_table_h)
 
+    tokens = k.shape[2]
     zeros = (
-        jnp.zeros(k.shape, _F32),
-        jnp.zeros(v.shape, _F32),
+        jnp.zeros((batch, heads, k.shape[3], tokens), _F32),
+        jnp.zeros((batch, heads, v.shape[3], tokens), _F32),
         None if table_w is None else jnp.zeros(table_w.shape, _F32),
     )
-    (d_k, d_v, d_table_w), (d_q, d_table_h) = jax.lax.scan(step, zeros, blocks)
-    d_q = _from_blocks(d_q, 1, height)
+    (d_k_t, d_v_t, d_table_w), (d_q, d_table_h) = jax.lax.scan(step, zeros, blocks)
+    d_q = _from_blocks(d_q, 2, height)
     if table_h is not None:
         d_table_h = _from_blocks(d_table_h, 0, height)
+    d_k, d_v = jnp.swapaxes(d_k_t, -1, -2), jnp.swapaxes(d_v_t, -1, -2)
     grads = zip((d_q, d_k, d_v, d_table_h, d_table_w), (q, k, v, table_h, table_w), strict=True)
     return tuple(None if g is None else g.astype(x.dtype) for g, x in grads)
 
@@ -250,10 +256,15 @@ def self_attention_2d(
     table_h = table_w = None
     if rel_h is not None:
         table_h, table_w = absolute_table(rel_h).astype(q.dtype), absolute_table(rel_w).astype(q.dtype)
+    # Heads first (B, N, H, W, d): every matmul below then reads its operands without transposes.
+    batch, height, width, heads, _ = q.shape
+    queries = jnp.moveaxis(q, 3, 1)
+    keys, values = (jnp.moveaxis(x, 3, 1).reshape(batch, heads, height * width, -1) for x in (k, v))
     if implementation == "dense":
-        return _dense(q, k, v, table_h, table_w).astype(q.dtype)
-    height = q.shape[1]
-    if block_size is None:  # the most rows that fit DEFAULT_BLOCK_BYTES, and at least two blocks
-        row_bytes = dense_logits_bytes(q.shape) // height
-        block_size = max(1, min(DEFAULT_BLOCK_BYTES // row_bytes, height // 2))
-    return _attention(q, k, v, table_h, table_w, min(block_size, height))
+        out = _dense(queries, keys, values, table_h, table_w)
+    else:
+        if block_size is None:  # the most rows that fit DEFAULT_BLOCK_BYTES, and at least two blocks
+            row_bytes = dense_logits_bytes(q.shape) // height
+            block_size = max(1, min(DEFAULT_BLOCK_BYTES // row_bytes, height // 2))
+        out = _attention(queries, keys, values, table_h, table_w, min(block_size, height))
+    return jnp.moveaxis(out, 1, 3).astype(q.dtype)  # B, H, W, N, dv
