@@ -2,6 +2,7 @@
 
 One PNG per results file, beside it: forward+backward time and XLA temporary memory against
 the map size, one line per implementation, for the Wide-ResNet and ResNet-50 layer shapes.
+Also prints each file's results as the Markdown table the README shows.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def plot(path: pathlib.Path) -> pathlib.Path:
             ax.grid(alpha=0.3)
         axes[0, col].legend(fontsize=8)
     machine = results["machine"]
-    device = f"{machine['device_kind']} ({machine['platform']})"
+    device = f"{machine['device_kind']} ({machine['platform']}), JAX {machine['jax']}"
     fig.suptitle(f"Relative self-attention, 8 heads, 20 key dims per head; {device}")
     fig.tight_layout()
     out = path.with_suffix(".png")
@@ -51,10 +52,33 @@ def plot(path: pathlib.Path) -> pathlib.Path:
     return out
 
 
+def markdown_table(path: pathlib.Path) -> str:
+    """Time / XLA temporary memory per shape and implementation, and the ratios the README discusses."""
+    rows = json.loads(path.read_text())["rows"]
+    names = list(dict.fromkeys(r["implementation"] for r in rows))
+    by_shape = {}
+    for r in rows:
+        by_shape.setdefault(f"{r['shape']['name']} ({r['shape']['batch']})", {})[r["implementation"]] = r
+    lines = [
+        "| shape (batch) | " + " | ".join(names) + " | auto / plain | paper_port / auto |",
+        "|---" * (len(names) + 3) + "|",
+    ]
+    for shape, cases in by_shape.items():
+        cells = [f"{1e3 * c['seconds']:.0f} ms / {c['temp_bytes'] / 2**20:.0f} MiB" for c in cases.values()]
+        auto, plain, port = cases["auto"], cases["plain"], cases["paper_port"]
+        cells.append(
+            f"{auto['seconds'] / plain['seconds']:.2f}x / {auto['temp_bytes'] / plain['temp_bytes']:.2f}x"
+        )
+        cells.append(f"{port['seconds'] / auto['seconds']:.2f}x")
+        lines.append(f"| {shape} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     paths = [pathlib.Path(p) for p in argv] if argv else sorted(RESULTS.glob("attention-*.json"))
     for path in paths:
-        print(f"wrote {plot(path)}")
+        print(f"wrote {plot(path)}\n")
+        print(markdown_table(path))
 
 
 if __name__ == "__main__":

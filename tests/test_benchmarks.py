@@ -1,12 +1,13 @@
 """The benchmark suite: quick mode (every attention implementation agrees with dense), timing, rows."""
 
+import json
 import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import attention, measure, models
+from benchmarks import attention, measure, models, plot
 
 
 def test_attention_quick_checks_agreement(capsys):
@@ -47,8 +48,17 @@ def test_interleaved_timing_calls_each_once_per_round():
     assert seconds["b"] >= 0.02 and seconds.keys() == {"a", "b"}
 
 
-def test_attention_full_mode_rows_on_a_tiny_shape():
+def test_attention_full_mode_rows_plot_and_table_on_a_tiny_shape(tmp_path):
     rows = attention.measure_shape(attention.QUICK_SHAPES[0], peak_flops=1e9, repeats=1)
     assert [r["implementation"] for r in rows] == list(attention.IMPLEMENTATIONS)
     for row in rows:
         assert row["seconds"] > 0 and row["temp_bytes"] >= 0 and row["flops_fraction"] > 0
+    path = tmp_path / "attention-cpu.json"
+    path.write_text(json.dumps({"machine": measure.machine_info(), "rows": rows}))
+    assert plot.plot(path).stat().st_size > 0
+    header, _, line = plot.markdown_table(path).splitlines()
+    seconds = {r["implementation"]: r["seconds"] for r in rows}
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert header.count("|") == line.count("|") and cells[0] == "quick_8x8 (2)"
+    assert cells[-2].startswith(f"{seconds['auto'] / seconds['plain']:.2f}x / ")
+    assert cells[-1] == f"{seconds['paper_port'] / seconds['auto']:.2f}x"

@@ -7,10 +7,11 @@ space). Paper symbols: N is Nh, dk/dv here are the per-head depths dkh/dvh.
 
 Two implementations compute the same function; neither tiles the relative logits to (HW)^2
 copies: the factors ``[.., H]`` and ``[.., W]`` of each query's relative logits are added by
-broadcasting.
+broadcasting. Both work heads first (``[B, N, H, W, d]``), so that their matmuls read q, k, v
+and the softmax weights as laid out, with no transposed copies of the ``(HW)^2`` arrays.
 
-- ``implementation="dense"``: all ``B*N*(HW)^2`` logits at once, heads-first layout, plain
-  autodiff (the softmax weights are kept for the backward pass). Fastest while it fits.
+- ``implementation="dense"``: all ``B*N*(HW)^2`` logits at once, plain autodiff (the softmax
+  weights are kept for the backward pass). Fastest while it fits.
 - ``implementation="blockwise"``: query rows in blocks; each block attends to every key. A custom
   VJP keeps only the output and the per-query log-sum-exp and rebuilds each block's softmax in
   the backward pass, as memory-efficient ("flash") attention does, so the largest temporary is
