@@ -52,6 +52,10 @@ def plot(path: pathlib.Path) -> pathlib.Path:
     return out
 
 
+def _time_and_memory(row: dict) -> str:
+    return f"{1e3 * row['seconds']:.0f} ms / {row['temp_bytes'] / 2**20:.0f} MiB"
+
+
 def markdown_table(path: pathlib.Path) -> str:
     """Time / XLA temporary memory per shape and implementation, and the ratios the README discusses."""
     rows = json.loads(path.read_text())["rows"]
@@ -64,12 +68,14 @@ def markdown_table(path: pathlib.Path) -> str:
         "|---" * (len(names) + 3) + "|",
     ]
     for shape, cases in by_shape.items():
-        cells = [f"{1e3 * c['seconds']:.0f} ms / {c['temp_bytes'] / 2**20:.0f} MiB" for c in cases.values()]
-        auto, plain, port = cases["auto"], cases["plain"], cases["paper_port"]
+        cells = [_time_and_memory(cases[n]) if n in cases else "-" for n in names]
+        auto, plain, port = (cases.get(n) for n in ("auto", "plain", "paper_port"))
         cells.append(
             f"{auto['seconds'] / plain['seconds']:.2f}x / {auto['temp_bytes'] / plain['temp_bytes']:.2f}x"
+            if auto and plain
+            else "-"
         )
-        cells.append(f"{port['seconds'] / auto['seconds']:.2f}x")
+        cells.append(f"{port['seconds'] / auto['seconds']:.2f}x" if auto and port else "-")
         lines.append(f"| {shape} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -31,7 +31,7 @@ def test_models_quick_reports_both_twins(capsys):
     assert np.isfinite(ratio) and ratio > 0
 
 
-def test_interleaved_timing_calls_each_once_per_round():
+def test_interleaved_timing_calls_each_once_per_round_in_shuffled_orders():
     order = []
 
     def call(name, pause):
@@ -42,10 +42,12 @@ def test_interleaved_timing_calls_each_once_per_round():
 
         return run
 
-    seconds = measure.interleaved_median_seconds({"a": call("a", 0.0), "b": call("b", 0.02)}, repeats=3)
-    rounds = [sorted(order[i : i + 2]) for i in range(0, len(order), 2)]
-    assert rounds == [["a", "b"]] * 4  # one warm-up round, then three timed rounds
-    assert seconds["b"] >= 0.02 and seconds.keys() == {"a", "b"}
+    calls = {"a": call("a", 0.0), "b": call("b", 0.02), "c": call("c", 0.0)}
+    seconds = measure.interleaved_median_seconds(calls, repeats=5)
+    rounds = [order[i : i + 3] for i in range(0, len(order), 3)]
+    assert len(rounds) == 6 and all(sorted(r) == ["a", "b", "c"] for r in rounds)  # warm-up + 5
+    assert len({tuple(r) for r in rounds[1:]}) > 1  # the timed rounds do not all run in one order
+    assert seconds["b"] >= 0.02 and seconds.keys() == calls.keys()
 
 
 def test_attention_full_mode_rows_plot_and_table_on_a_tiny_shape(tmp_path):
@@ -62,3 +64,7 @@ def test_attention_full_mode_rows_plot_and_table_on_a_tiny_shape(tmp_path):
     assert header.count("|") == line.count("|") and cells[0] == "quick_8x8 (2)"
     assert cells[-2].startswith(f"{seconds['auto'] / seconds['plain']:.2f}x / ")
     assert cells[-1] == f"{seconds['paper_port'] / seconds['auto']:.2f}x"
+    without_port = [r for r in rows if r["implementation"] != "paper_port"]
+    path.write_text(json.dumps({"machine": measure.machine_info(), "rows": without_port}))
+    line = plot.markdown_table(path).splitlines()[2]
+    assert line.split("|")[-2].strip() == "-" and line.count("|") == len(without_port) + 4

@@ -496,19 +496,11 @@ def test_gradients_check_grads(impl, use_rel):
         check_grads(fn, args, order=1, modes=["rev"], eps=1e-3, atol=5e-3, rtol=5e-3)
 
 
-@pytest.mark.parametrize("use_rel", [False, True])
-@pytest.mark.parametrize("dv", [2, 10])
-def test_gradients_match_central_differences_of_the_float64_reference(impl, use_rel, dv):
-    """Every input's float32 gradient against central differences of the float64 reference loops,
-    to 1e-4 of the largest gradient (check_grads above only sees random directional derivatives).
-    Value depths 2 and 10 take both ways the blockwise backward forms d_out . v (fused, matmul)."""
-    rng = np.random.default_rng(620)
-    B, H, W, N, dk = 1, 2, 3, 2, 3
-    args = [*_qkv(rng, B, H, W, N, dk, dv, dtype=np.float64), *_rel(rng, H, W, dk, dtype=np.float64)]
-    args = args if use_rel else args[:3]
-    cotangent = rng.normal(size=(B, H, W, N, dv))
+def _assert_gradients_match_central_differences(attention, args, cotangent):
+    """Every input's float32 gradient of ``sum(attention(*args) * cotangent)`` against central
+    differences of the float64 reference loops, to 1e-4 of the largest gradient."""
     loss_ref = lambda *a: float(np.sum(self_attention_2d_ref(*a) * cotangent))
-    loss = lambda *a: jnp.sum(_attn(impl, *a) * cotangent.astype(np.float32))
+    loss = lambda *a: jnp.sum(attention(*a) * cotangent.astype(np.float32))
     grads = jax.grad(loss, argnums=tuple(range(len(args))))(*(a.astype(np.float32) for a in args))
     eps = 1e-6
     for index, (arg, grad) in enumerate(zip(args, grads, strict=True)):
@@ -520,6 +512,49 @@ def test_gradients_match_central_differences_of_the_float64_reference(impl, use_
                 variant[index][position] += sign * eps
             expected[position] = (loss_ref(*shifted[0]) - loss_ref(*shifted[1])) / (2 * eps)
         np.testing.assert_allclose(grad, expected, rtol=0, atol=1e-4 * np.abs(expected).max(), err_msg=index)
+
+
+@pytest.mark.parametrize("use_rel", [False, True])
+@pytest.mark.parametrize("dv", [2, 10])
+def test_gradients_match_central_differences_of_the_float64_reference(impl, use_rel, dv):
+    """check_grads above only sees random directional derivatives; this checks every entry.
+    Value depths 2 and 10 take both ways the blockwise backward forms d_out . v (fused, matmul)."""
+    rng = np.random.default_rng(620)
+    B, H, W, N, dk = 1, 2, 3, 2, 3
+    args = [*_qkv(rng, B, H, W, N, dk, dv, dtype=np.float64), *_rel(rng, H, W, dk, dtype=np.float64)]
+    cotangent = rng.normal(size=(B, H, W, N, dv))
+    attention = lambda *a: _attn(impl, *a)
+    _assert_gradients_match_central_differences(attention, args if use_rel else args[:3], cotangent)
+
+
+@pytest.mark.parametrize("dv", [2, 10])
+@pytest.mark.parametrize("block_size", [2, 3])
+def test_blockwise_gradients_with_a_padded_last_block(block_size, dv):
+    """H=5 in blocks of 2 or 3 rows: the last block is padded with zero rows, which must not leak
+    into any gradient."""
+    rng = np.random.default_rng(630)
+    B, H, W, N, dk = 1, 5, 2, 2, 3
+    args = [*_qkv(rng, B, H, W, N, dk, dv, dtype=np.float64), *_rel(rng, H, W, dk, dtype=np.float64)]
+    cotangent = rng.normal(size=(B, H, W, N, dv))
+    attention = lambda *a: F.self_attention_2d(*a, implementation="blockwise", block_size=block_size)
+    _assert_gradients_match_central_differences(attention, args, cotangent)
+
+
+@pytest.mark.parametrize("use_rel", [False, True])
+def test_vmap_of_gradients_matches_a_loop(impl, use_rel):
+    """Per-example gradients through the custom VJP (and the blockwise forward's optimization
+    barrier) under vmap, against one gradient call per example."""
+    rng = np.random.default_rng(640)
+    E, B, H, W, N, dk, dv = 3, 1, 3, 2, 2, 3, 2
+    q, k, v = (_normal(rng, (E, B, H, W, N, d)) for d in (dk, dk, dv))
+    rel = _rel(rng, H, W, dk) if use_rel else ()
+    cotangent = _normal(rng, (B, H, W, N, dv))
+    loss = lambda q, k, v: jnp.sum(_attn(impl, q, k, v, *rel) * cotangent)
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    batched = jax.vmap(grad)(q, k, v)
+    for e in range(E):
+        for got, want in zip(batched, grad(q[e], k[e], v[e]), strict=True):
+            np.testing.assert_allclose(got[e], want, rtol=1e-5, atol=1e-6, err_msg=f"example {e}")
 
 
 def test_gradients_are_nonzero_for_every_input(impl):

@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from aacn_jax.functional.relative import absolute_table, check_tables, relative_logit_factors
+from aacn_jax.functional.relative import absolute_table, check_tables, heads_first_logit_factors
 
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
@@ -72,7 +72,7 @@ def _block_logits(q, k, table_h, table_w):
     logits = jnp.einsum("bnqd,bntd->bnqt", queries, k, preferred_element_type=_F32)
     if table_h is None:
         return logits
-    logits_h, logits_w = relative_logit_factors(q, table_h, table_w)  # B,N,R,W,H and B,N,R,W,W
+    logits_h, logits_w = heads_first_logit_factors(q, table_h, table_w)  # B,N,R,W,H and B,N,R,W,W
     logits = logits.reshape(*logits_h.shape, width) + logits_h[..., :, None] + logits_w[..., None, :]
     return logits.reshape(*queries.shape[:-1], -1)
 
@@ -150,7 +150,8 @@ def _from_blocks(x, axis, length):
 def _dense(q, k, v, table_h, table_w):
     """All ``[B, N, HW, HW]`` logits at once, differentiated by JAX. Output ``[B, N, H, W, dv]``."""
     weights = jax.nn.softmax(_block_logits(q, k, table_h, table_w), axis=-1).astype(v.dtype)
-    return jnp.einsum("bnqt,bnte->bnqe", weights, v).reshape(*q.shape[:-1], -1)
+    out = jnp.einsum("bnqt,bnte->bnqe", weights, v, preferred_element_type=_F32)
+    return out.reshape(*q.shape[:-1], -1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

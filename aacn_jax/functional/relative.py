@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "absolute_table",
+    "heads_first_logit_factors",
     "rel_to_abs",
     "relative_index",
     "relative_logit_factors",
@@ -62,11 +63,18 @@ def relative_logit_factors(
 ) -> tuple[jax.Array, jax.Array]:
     """The two factors of the relative logits, ``[B, N, R, W, H]`` and ``[B, N, R, W, W]`` (float32).
 
-    ``q [B, N, R, W, d]`` (heads first) holds R query rows; ``table_h [R, H, d]`` their rows of
-    the absolute r^H table and ``table_w [W, W, d]`` the absolute r^W table (see
-    :func:`absolute_table`). The relative logits are ``h[..., :, None] + w[..., None, :]``; kept
-    apart they cost O(HW(H+W)) memory instead of O((HW)^2).
+    ``q [B, R, W, N, d]`` holds R query rows; ``table_h [R, H, d]`` their rows of the absolute
+    r^H table and ``table_w [W, W, d]`` the absolute r^W table (see :func:`absolute_table`).
+    The relative logits are ``h[..., :, None] + w[..., None, :]``; kept apart they cost
+    O(HW(H+W)) memory instead of O((HW)^2).
     """
+    return heads_first_logit_factors(jnp.moveaxis(q, 3, 1), table_h, table_w)
+
+
+def heads_first_logit_factors(
+    q: jax.Array, table_h: jax.Array, table_w: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`relative_logit_factors` of heads-first queries ``q [B, N, R, W, d]``."""
     f32 = jnp.float32
     logits_h = jnp.einsum("bnxyd,xzd->bnxyz", q, table_h, preferred_element_type=f32)
     logits_w = jnp.einsum("bnxyd,ywd->bnxyw", q, table_w, preferred_element_type=f32)
@@ -80,8 +88,7 @@ def relative_logits(q: jax.Array, rel_h: jax.Array, rel_w: jax.Array) -> jax.Arr
     for ``q [B, H, W, N, d]``, ``rel_h [2H-1, d]``, ``rel_w [2W-1, d]``.
     """
     check_tables(q, rel_h, rel_w)
-    heads_first = jnp.moveaxis(q, 3, 1)
-    logits_h, logits_w = relative_logit_factors(heads_first, absolute_table(rel_h), absolute_table(rel_w))
+    logits_h, logits_w = relative_logit_factors(q, absolute_table(rel_h), absolute_table(rel_w))
     return logits_h[..., :, None] + logits_w[..., None, :]
 
 
