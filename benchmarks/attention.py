@@ -9,9 +9,8 @@ stages at 56/28/14/7; 8 heads, 20 key dims per head) it times forward+backward o
   paper_port     a straightforward port of the paper's listing (tiled relative logits)
 and records median seconds (the implementations of a shape timed in interleaved rounds), XLA
 temporary bytes, optionally the peak RSS of a fresh process, and the fraction of this machine's
-measured matmul FLOP/s. Every implementation is first
-checked against ``dense`` (outputs and gradients). ``--quick`` runs tiny shapes only (the
-agreement check, for CI) and writes nothing.
+measured matmul FLOP/s. Every implementation is first checked against ``dense`` (outputs and
+gradients). ``--quick`` runs tiny shapes only (the agreement check, for CI) and writes nothing.
 """
 
 from __future__ import annotations

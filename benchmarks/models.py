@@ -74,8 +74,10 @@ def measure_pair(names, size: int, num_classes: int, batch: int, repeats: int = 
     prepared = {name: prepare_model(name, size, num_classes, batch) for name in names}
     calls = {name: run for name, (_, run) in prepared.items()}
     seconds = measure.interleaved_median_seconds(calls, repeats=repeats)
-    rows = [row | {"seconds_per_step": seconds[name]} for name, (row, _) in prepared.items()]
-    return [row | {"images_per_second": batch / row["seconds_per_step"]} for row in rows]
+    return [
+        row | {"seconds_per_step": seconds[name], "images_per_second": batch / seconds[name]}
+        for name, (row, _) in prepared.items()
+    ]
 
 
 def main(argv=None) -> None:
