@@ -3,14 +3,19 @@
 For each layer shape of the paper (CIFAR Wide-ResNet stages at 32/16/8, ImageNet ResNet-50
 stages at 56/28/14/7; 8 heads, 20 key dims per head) it times forward+backward of:
   plain          content-only attention (no position logits), automatic path
+  plain_flash    content-only attention through the fused kernels (cuDNN / Pallas flash on an
+                 accelerator: the upper bound for relative attention there; blockwise on a CPU)
   dense          relative attention, every (HW)^2 logit at once, relative terms broadcast
   blockwise      relative attention, query rows in blocks, rematerialised in the backward pass
+  fused          relative logits folded into the dot product, then the fused kernels
   auto           relative attention as the library runs it by default (implementation=None)
   paper_port     a straightforward port of the paper's listing (tiled relative logits)
 and records median seconds (the implementations of a shape timed in interleaved rounds), XLA
 temporary bytes, optionally the peak RSS of a fresh process, and the fraction of this machine's
 measured matmul FLOP/s. Every implementation is first checked against ``dense`` (outputs and
 gradients). ``--quick`` runs tiny shapes only (the agreement check, for CI) and writes nothing.
+``--dtype bfloat16 --training_batch`` measures what training on an accelerator runs: bfloat16 at
+batch 128 for the CIFAR shapes and 32 for the ImageNet ones.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from aacn_jax import functional as F
@@ -39,7 +45,7 @@ class Shape:
     key_depth: int = 20  # per head
     value_depth: int = 2  # per head
 
-    def arrays(self, seed: int = 0):
+    def arrays(self, seed: int = 0, dtype=jnp.float32):
         keys = jax.random.split(jax.random.key(seed), 6)
         b, h, w, n, dk, dv = (
             self.batch,
@@ -49,13 +55,13 @@ class Shape:
             self.key_depth,
             self.value_depth,
         )
-        normal = jax.random.normal
+        normal = functools.partial(jax.random.normal, dtype=dtype)
         return (
             normal(keys[0], (b, h, w, n, dk)),
             normal(keys[1], (b, h, w, n, dk)),
             normal(keys[2], (b, h, w, n, dv)),
-            normal(keys[3], (2 * h - 1, dk)) * dk**-0.5,
-            normal(keys[4], (2 * w - 1, dk)) * dk**-0.5,
+            normal(keys[3], (2 * h - 1, dk)) * jnp.asarray(dk**-0.5, dtype),
+            normal(keys[4], (2 * w - 1, dk)) * jnp.asarray(dk**-0.5, dtype),
             normal(keys[5], (b, h, w, n, dv)),  # output cotangent
         )
 
@@ -77,6 +83,7 @@ PAPER_SHAPES = (
     Shape("r50_14x14", 32, 14, 14, value_depth=3),
     Shape("r50_7x7", 128, 7, 7, value_depth=6),
 )
+TRAINING_BATCH = {"wrn": 128, "r50": 32}  # per accelerator: CIFAR batch 128, ImageNet 4096 over 128 chips
 QUICK_SHAPES = (
     Shape("quick_8x8", 2, 8, 8, heads=2, key_depth=4),
     Shape("quick_5x7", 2, 5, 7, heads=3, value_depth=3),
@@ -85,12 +92,14 @@ QUICK_SHAPES = (
 
 IMPLEMENTATIONS = {
     "plain": lambda q, k, v, rel_h, rel_w: F.self_attention_2d(q, k, v),
+    "plain_flash": lambda q, k, v, rel_h, rel_w: F.self_attention_2d(q, k, v, implementation="fused"),
     "dense": lambda *a: F.self_attention_2d(*a, implementation="dense"),
     "blockwise": lambda *a: F.self_attention_2d(*a, implementation="blockwise"),
+    "fused": lambda *a: F.self_attention_2d(*a, implementation="fused"),
     "auto": lambda *a: F.self_attention_2d(*a),
     "paper_port": paper_port_attention,
 }
-RELATIVE = ("dense", "blockwise", "auto", "paper_port")
+RELATIVE = ("dense", "blockwise", "fused", "auto", "paper_port")
 
 
 def forward_backward(name: str):
@@ -104,23 +113,26 @@ def forward_backward(name: str):
     return jax.jit(run)
 
 
-def check_agreement(shape: Shape, names) -> None:
+def check_agreement(shape: Shape, names, dtype=jnp.float32) -> None:
     """Outputs and gradients of every implementation equal dense (plain ones: dense without tables)."""
-    args = shape.arrays()
+    args = shape.arrays(dtype=dtype)
+    tolerance = 2e-4 if dtype == jnp.float32 else 5e-2
     want_rel = forward_backward("dense")(*args)
     want_plain = forward_backward("plain")(*args)
     for name in names:
         want = want_rel if name in RELATIVE else want_plain
         got = forward_backward(name)(*args)
         for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            got_leaf, want_leaf = (np.asarray(x, np.float32) for x in (got_leaf, want_leaf))
+            scale = max(1.0, float(np.abs(want_leaf).max())) if dtype != jnp.float32 else 1.0
             np.testing.assert_allclose(
-                got_leaf, want_leaf, rtol=2e-4, atol=2e-4, err_msg=f"{name} at {shape}"
+                got_leaf, want_leaf, rtol=tolerance, atol=tolerance * scale, err_msg=f"{name} at {shape}"
             )
 
 
-def measure_shape(shape: Shape, peak_flops: float, repeats: int = 7) -> list[dict]:
+def measure_shape(shape: Shape, peak_flops: float, repeats: int = 7, dtype=jnp.float32) -> list[dict]:
     """One row per implementation; their times come from interleaved rounds (see ``measure``)."""
-    args = shape.arrays()
+    args = shape.arrays(dtype=dtype)
     fns = {name: forward_backward(name) for name in IMPLEMENTATIONS}
     calls = {name: functools.partial(fn, *args) for name, fn in fns.items()}
     seconds = measure.interleaved_median_seconds(calls, repeats=repeats, min_seconds=0.5)
@@ -131,6 +143,7 @@ def measure_shape(shape: Shape, peak_flops: float, repeats: int = 7) -> list[dic
             {
                 "shape": dataclasses.asdict(shape),
                 "implementation": name,
+                "dtype": jnp.dtype(dtype).name,
                 "seconds": seconds[name],
                 "temp_bytes": measure.compiled_temp_bytes(fn, *args),
                 "flops": flops,
@@ -169,6 +182,10 @@ def main(argv=None) -> None:
         "--no_rss", action="store_true", help="skip the per-case fresh-process RSS measurement"
     )
     parser.add_argument("--shapes", nargs="*", help="names of paper shapes to run (default: all)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="input dtype")
+    parser.add_argument(
+        "--training_batch", action="store_true", help="batch 128 (CIFAR shapes) and 32 (ImageNet shapes)"
+    )
     parser.add_argument("--rss_case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -179,8 +196,11 @@ def main(argv=None) -> None:
     shapes = (
         QUICK_SHAPES if args.quick else [s for s in PAPER_SHAPES if not args.shapes or s.name in args.shapes]
     )
+    if args.training_batch:
+        shapes = [dataclasses.replace(s, batch=TRAINING_BATCH[s.name.split("_")[0]]) for s in shapes]
+    dtype = jnp.dtype(args.dtype)
     for shape in shapes:
-        check_agreement(shape, IMPLEMENTATIONS)
+        check_agreement(shape, IMPLEMENTATIONS, dtype)
     print(
         f"agreement: all {len(IMPLEMENTATIONS)} implementations match dense on {len(shapes)} shapes",
         flush=True,
@@ -191,7 +211,7 @@ def main(argv=None) -> None:
     print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
     rows = []
     for shape in shapes:
-        for row in measure_shape(shape, peak):
+        for row in measure_shape(shape, peak, dtype=dtype):
             if not args.no_rss:
                 row["rss_bytes"] = _one_process_rss(shape, row["implementation"])
             rows.append(row)

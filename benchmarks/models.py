@@ -23,6 +23,10 @@ PAIRS = (
     (("wrn28_10", "aa_wrn28_10"), 32, 100, 8),
     (("resnet50", "aa_resnet50"), 224, 1000, 4),
 )
+TRAINING_PAIRS = (  # per accelerator: the CIFAR recipe's batch, ImageNet 4096 over 128 chips
+    (("wrn28_10", "aa_wrn28_10"), 32, 100, 128),
+    (("resnet50", "aa_resnet50"), 224, 1000, 32),
+)
 QUICK_PAIRS = ((("resnet_cifar", "aa_resnet_cifar"), 32, 10, 4),)
 
 
@@ -46,9 +50,9 @@ def train_step_fn(model):
     return jax.jit(step, donate_argnums=0)
 
 
-def prepare_model(name: str, size: int, num_classes: int, batch: int):
+def prepare_model(name: str, size: int, num_classes: int, batch: int, dtype=jnp.float32):
     """A row of facts about the model and a no-argument call that runs one train step."""
-    model = models.create(name, num_classes=num_classes)
+    model = models.create(name, num_classes=num_classes, dtype=dtype)
     images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
     labels = jnp.zeros((batch,), jnp.int32)
     variables = model.init(jax.random.key(1), images, train=False)
@@ -57,6 +61,7 @@ def prepare_model(name: str, size: int, num_classes: int, batch: int):
         "model": name,
         "input_size": size,
         "batch": batch,
+        "dtype": jnp.dtype(dtype).name,
         "temp_bytes": measure.compiled_temp_bytes(step, variables, images, labels),
         "params": models.count_params(variables["params"]),
     }
@@ -69,9 +74,9 @@ def prepare_model(name: str, size: int, num_classes: int, batch: int):
     return row, run
 
 
-def measure_pair(names, size: int, num_classes: int, batch: int, repeats: int = 5) -> list[dict]:
+def measure_pair(names, size: int, num_classes: int, batch: int, repeats: int = 5, dtype=jnp.float32):
     """Rows of a plain model and its AA twin, their steps timed in interleaved rounds."""
-    prepared = {name: prepare_model(name, size, num_classes, batch) for name in names}
+    prepared = {name: prepare_model(name, size, num_classes, batch, dtype) for name in names}
     calls = {name: run for name, (_, run) in prepared.items()}
     seconds = measure.interleaved_median_seconds(calls, repeats=repeats)
     return [
@@ -84,10 +89,15 @@ def main(argv=None) -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--quick", action="store_true", help="the small CIFAR pair only; writes nothing")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    parser.add_argument(
+        "--training_batch", action="store_true", help="batch 128 (WRN, 32x32) and 32 (ResNet-50, 224x224)"
+    )
     args = parser.parse_args(argv)
     rows = []
-    for names, size, num_classes, batch in QUICK_PAIRS if args.quick else PAIRS:
-        plain, augmented = measure_pair(names, size, num_classes, batch)
+    pairs = QUICK_PAIRS if args.quick else TRAINING_PAIRS if args.training_batch else PAIRS
+    for names, size, num_classes, batch in pairs:
+        plain, augmented = measure_pair(names, size, num_classes, batch, dtype=jnp.dtype(args.dtype))
         ratio = plain["images_per_second"] / augmented["images_per_second"]
         memory_ratio = augmented["temp_bytes"] / plain["temp_bytes"]
         for row in (plain, augmented):

@@ -21,6 +21,7 @@ from benchmarks.measure import RESULTS
 
 def plot(path: pathlib.Path) -> pathlib.Path:
     results = json.loads(path.read_text())
+    results["rows"] = load_rows(path)
     families = sorted({row["shape"]["name"].split("_")[0] for row in results["rows"]})
     fig, axes = plt.subplots(2, len(families), figsize=(5 * len(families), 7), squeeze=False)
     for col, family in enumerate(families):
@@ -56,26 +57,43 @@ def _time_and_memory(row: dict) -> str:
     return f"{1e3 * row['seconds']:.0f} ms / {row['temp_bytes'] / 2**20:.0f} MiB"
 
 
+# (numerator, denominator, with memory): the ratios the README discusses, where both were measured.
+RATIOS = (
+    ("auto", "plain", True),
+    ("fused", "plain_flash", True),
+    ("dense", "fused", False),
+    ("flex_attention", "fused", False),
+    ("paper_port", "auto", False),
+)
+
+
+def load_rows(path: pathlib.Path) -> list[dict]:
+    """Rows of a results file, with those of the peer script (``peers-<platform>.json``) beside it."""
+    rows = json.loads(path.read_text())["rows"]
+    peers = path.with_name(path.name.replace("attention-", "peers-"))
+    return rows + (json.loads(peers.read_text())["rows"] if peers.exists() and peers != path else [])
+
+
+def _ratio(top: dict, bottom: dict, memory: bool) -> str:
+    text = f"{top['seconds'] / bottom['seconds']:.2f}x"
+    return text + (f" / {top['temp_bytes'] / bottom['temp_bytes']:.2f}x" if memory else "")
+
+
 def markdown_table(path: pathlib.Path) -> str:
     """Time / XLA temporary memory per shape and implementation, and the ratios the README discusses."""
-    rows = json.loads(path.read_text())["rows"]
+    rows = load_rows(path)
     names = list(dict.fromkeys(r["implementation"] for r in rows))
+    ratios = [(top, bottom, memory) for top, bottom, memory in RATIOS if {top, bottom} <= set(names)]
     by_shape = {}
     for r in rows:
         by_shape.setdefault(f"{r['shape']['name']} ({r['shape']['batch']})", {})[r["implementation"]] = r
-    lines = [
-        "| shape (batch) | " + " | ".join(names) + " | auto / plain | paper_port / auto |",
-        "|---" * (len(names) + 3) + "|",
-    ]
+    headers = [*names, *(f"{top} / {bottom}" for top, bottom, _ in ratios)]
+    lines = ["| shape (batch) | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
     for shape, cases in by_shape.items():
         cells = [_time_and_memory(cases[n]) if n in cases else "-" for n in names]
-        auto, plain, port = (cases.get(n) for n in ("auto", "plain", "paper_port"))
-        cells.append(
-            f"{auto['seconds'] / plain['seconds']:.2f}x / {auto['temp_bytes'] / plain['temp_bytes']:.2f}x"
-            if auto and plain
-            else "-"
-        )
-        cells.append(f"{port['seconds'] / auto['seconds']:.2f}x" if auto and port else "-")
+        for top, bottom, memory in ratios:
+            both = top in cases and bottom in cases
+            cells.append(_ratio(cases[top], cases[bottom], memory) if both else "-")
         lines.append(f"| {shape} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

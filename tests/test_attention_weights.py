@@ -46,7 +46,7 @@ def test_matches_reference(shape, relative):
     np.testing.assert_allclose(got, attention_weights_ref(q, k, rel_h, rel_w), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("implementation", ["dense", "blockwise"])
+@pytest.mark.parametrize("implementation", ["dense", "blockwise", "fused"])
 def test_weights_applied_to_values_give_self_attention(implementation):
     shape = (2, 4, 3, 2, 4)
     q, k, (rel_h, rel_w) = _inputs(shape, relative=True)

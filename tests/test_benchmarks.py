@@ -60,11 +60,19 @@ def test_attention_full_mode_rows_plot_and_table_on_a_tiny_shape(tmp_path):
     assert plot.plot(path).stat().st_size > 0
     header, _, line = plot.markdown_table(path).splitlines()
     seconds = {r["implementation"]: r["seconds"] for r in rows}
-    cells = [c.strip() for c in line.strip("|").split("|")]
-    assert header.count("|") == line.count("|") and cells[0] == "quick_8x8 (2)"
-    assert cells[-2].startswith(f"{seconds['auto'] / seconds['plain']:.2f}x / ")
-    assert cells[-1] == f"{seconds['paper_port'] / seconds['auto']:.2f}x"
+    column = dict(zip(_cells(header), _cells(line), strict=True))
+    assert header.count("|") == line.count("|") and column["shape (batch)"] == "quick_8x8 (2)"
+    assert column["auto / plain"].startswith(f"{seconds['auto'] / seconds['plain']:.2f}x / ")
+    assert column["fused / plain_flash"].startswith(f"{seconds['fused'] / seconds['plain_flash']:.2f}x / ")
+    assert column["paper_port / auto"] == f"{seconds['paper_port'] / seconds['auto']:.2f}x"
     without_port = [r for r in rows if r["implementation"] != "paper_port"]
     path.write_text(json.dumps({"machine": measure.machine_info(), "rows": without_port}))
-    line = plot.markdown_table(path).splitlines()[2]
-    assert line.split("|")[-2].strip() == "-" and line.count("|") == len(without_port) + 4
+    assert "paper_port" not in plot.markdown_table(path)
+    peer = dict(rows[0], implementation="flex_attention", seconds=2 * seconds["fused"])
+    (tmp_path / "peers-cpu.json").write_text(json.dumps({"rows": [peer]}))
+    header, _, line = plot.markdown_table(path).splitlines()
+    assert dict(zip(_cells(header), _cells(line), strict=True))["flex_attention / fused"] == "2.00x"
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]

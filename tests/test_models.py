@@ -372,11 +372,15 @@ def test_last_batch_norm_of_each_residual_branch_starts_at_zero():
 
 def test_attention_implementations_agree_inside_a_model():
     x = _images((2, 8, 8, 3))
-    dense = models.create("aa_resnet_cifar", num_classes=5, depth=8, attention_implementation="dense")
-    blockwise = models.create("aa_resnet_cifar", num_classes=5, depth=8, attention_implementation="blockwise")
     variables = _small("aa_resnet_cifar", (("depth", 8),), (8, 8, 3))[1]
-    got = [jax.jit(lambda v, m=m: m.apply(v, x, train=False))(variables) for m in (dense, blockwise)]
-    np.testing.assert_allclose(got[0], got[1], rtol=1e-5, atol=1e-5)
+    got = {}
+    for implementation in ("dense", "blockwise", "fused"):
+        model = models.create(
+            "aa_resnet_cifar", num_classes=5, depth=8, attention_implementation=implementation
+        )
+        got[implementation] = jax.jit(lambda v, m=model: m.apply(v, x, train=False))(variables)
+    np.testing.assert_allclose(got["blockwise"], got["dense"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["fused"], got["dense"], rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_compute_float32_params_and_logits():

@@ -9,6 +9,7 @@ from aacn_jax.functional.attention import (
     IMPLEMENTATIONS,
     self_attention_2d,
 )
+from aacn_jax.functional.fused import fold_relative_logits
 from aacn_jax.functional.position import coordinate_channels, sinusoidal_channels
 from aacn_jax.functional.relative import (
     absolute_table,
@@ -27,6 +28,7 @@ __all__ = [
     "absolute_table",
     "attention_weights",
     "coordinate_channels",
+    "fold_relative_logits",
     "rel_to_abs",
     "relative_index",
     "relative_logit_factors",

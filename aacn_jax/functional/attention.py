@@ -5,10 +5,11 @@ Bello et al., "Attention Augmented Convolutional Networks", ICCV 2019, arXiv:190
 Queries and keys are ``[B, H, W, N, dk]``, values ``[B, H, W, N, dv]`` (NHWC, heads after
 space). Paper symbols: N is Nh, dk/dv here are the per-head depths dkh/dvh.
 
-Two implementations compute the same function; neither tiles the relative logits to (HW)^2
-copies: the factors ``[.., H]`` and ``[.., W]`` of each query's relative logits are added by
-broadcasting. Both work heads first (``[B, N, H, W, d]``), so that their matmuls read q, k, v
-and the softmax weights as laid out, with no transposed copies of the ``(HW)^2`` arrays.
+Three implementations compute the same function; none tiles the relative logits to (HW)^2
+copies. The XLA paths (dense, blockwise) add the factors ``[.., H]`` and ``[.., W]`` of each
+query's relative logits by broadcasting; both work heads first (``[B, N, H, W, d]``), so that
+their matmuls read q, k, v and the softmax weights as laid out, with no transposed copies of the
+``(HW)^2`` arrays.
 
 - ``implementation="dense"``: all ``B*N*(HW)^2`` logits at once, plain autodiff (the softmax
   weights are kept for the backward pass). Fastest while it fits.
@@ -16,8 +17,14 @@ and the softmax weights as laid out, with no transposed copies of the ``(HW)^2``
   VJP keeps only the output and the per-query log-sum-exp and rebuilds each block's softmax in
   the backward pass, as memory-efficient ("flash") attention does, so the largest temporary is
   one block's logits ``B*N*block_size*W*HW``.
-- ``implementation=None``: dense when its float32 logits fit ``memory_budget_bytes``, else
-  blockwise with the largest block that fits (and at least two blocks).
+- ``implementation="fused"``: the relative logits folded into the dot product
+  (:mod:`aacn_jax.functional.fused`), then plain flash attention: the Pallas TPU kernel on a TPU,
+  cuDNN or the Pallas Triton kernel on an NVIDIA GPU, the blockwise path elsewhere. On an
+  accelerator no ``(HW)^2`` array, forward or backward.
+- ``implementation=None``: fused on accelerators; on a CPU dense when its float32 logits fit
+  ``memory_budget_bytes``, else blockwise with the largest block that fits (and at least two
+  blocks). The choice is made per platform with ``jax.lax.platform_dependent``, so a program
+  exported for a TPU or GPU from a CPU machine holds the accelerator's path.
 """
 
 from __future__ import annotations
@@ -27,6 +34,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from aacn_jax.functional.fused import (
+    fold_relative_logits,
+    gpu_flash_attention,
+    on_tokens,
+    tpu_flash_attention,
+)
 from aacn_jax.functional.relative import absolute_table, check_tables, heads_first_logit_factors
 
 __all__ = [
@@ -37,7 +50,7 @@ __all__ = [
     "self_attention_2d",
 ]
 
-IMPLEMENTATIONS = ("dense", "blockwise")
+IMPLEMENTATIONS = ("dense", "blockwise", "fused")
 # Measured on the project's 2-core CPU (benchmarks/attention.py): the dense path is fastest up to
 # a few tens of MiB of float32 logits; beyond, blockwise with blocks of at most ~8 MiB of logits
 # (cache-sized) is both faster and far leaner than dense.
@@ -115,20 +128,24 @@ def _backward_block(q, k, v, table_h, table_w, d_out, delta, lse):
     batch, heads, rows, width, depth = q.shape
     weights = jnp.exp(_block_logits(q, k, table_h, table_w) - lse[..., None])  # B, N, RW, HW
     d_logits = weights * (_value_products(d_out, v) - delta[..., None])  # softmax backward
-    d_logits_in = d_logits.astype(q.dtype)
-    d_q = jnp.einsum("bnqt,bntd->bnqd", d_logits_in, k, preferred_element_type=_F32).reshape(q.shape)
-    queries = q.reshape(batch, heads, rows * width, depth)
-    d_k_t = jnp.einsum("bnqd,bnqt->bndt", queries, d_logits_in, preferred_element_type=_F32)
-    d_v_t = jnp.einsum("bnqe,bnqt->bnet", d_out, weights.astype(v.dtype), preferred_element_type=_F32)
+    d_q = jnp.einsum("bnqt,bntd->bnqd", d_logits.astype(q.dtype), k, preferred_element_type=_F32)
+    d_q = d_q.reshape(q.shape)
+    # The contractions over queries take float32 operands: XLA:CPU runs them outside fusions, where
+    # it has no bfloat16 x bfloat16 -> float32 dot ("Unsupported element type for DotThunk").
+    queries = q.reshape(batch, heads, rows * width, depth).astype(_F32)
+    d_k_t = jnp.einsum("bnqd,bnqt->bndt", queries, d_logits)
+    d_v_t = jnp.einsum("bnqe,bnqt->bnet", d_out.astype(_F32), weights)
     if table_h is None:
         return d_q, d_k_t, d_v_t, None, None
     d_logits = d_logits.reshape(batch, heads, rows, width, table_h.shape[1], width)  # B, N, R, W, H, W
-    d_h = jnp.sum(d_logits, axis=-1).astype(q.dtype)  # B, N, R, W, H
-    d_w = jnp.sum(d_logits, axis=-2).astype(q.dtype)  # B, N, R, W, W
-    d_q += jnp.einsum("bnxyz,xzd->bnxyd", d_h, table_h, preferred_element_type=_F32)
-    d_q += jnp.einsum("bnxyw,ywd->bnxyd", d_w, table_w, preferred_element_type=_F32)
-    d_table_h = jnp.einsum("bnxyz,bnxyd->xzd", d_h, q, preferred_element_type=_F32)
-    d_table_w = jnp.einsum("bnxyw,bnxyd->ywd", d_w, q, preferred_element_type=_F32)
+    d_h = jnp.sum(d_logits, axis=-1)  # B, N, R, W, H
+    d_w = jnp.sum(d_logits, axis=-2)  # B, N, R, W, W
+    table_h, table_w = table_h.astype(_F32), table_w.astype(_F32)
+    d_q += jnp.einsum("bnxyz,xzd->bnxyd", d_h, table_h)
+    d_q += jnp.einsum("bnxyw,ywd->bnxyd", d_w, table_w)
+    queries = queries.reshape(d_q.shape)
+    d_table_h = jnp.einsum("bnxyz,bnxyd->xzd", d_h, queries)
+    d_table_w = jnp.einsum("bnxyw,bnxyd->ywd", d_w, queries)
     return d_q, d_k_t, d_v_t, d_table_h, d_table_w
 
 
@@ -220,6 +237,34 @@ def dense_logits_bytes(q_shape) -> int:
     return 4 * batch * heads * (height * width) ** 2
 
 
+def _heads_first(q, k, v):
+    """``[B, H, W, N, d]`` -> q ``[B, N, H, W, d]``, k and v ``[B, N, H*W, d]``."""
+    batch, height, width, heads, _ = q.shape
+    keys, values = (jnp.moveaxis(x, 3, 1).reshape(batch, heads, height * width, -1) for x in (k, v))
+    return jnp.moveaxis(q, 3, 1), keys, values
+
+
+def _xla_attention(q, k, v, table_h, table_w, *, dense, block_size):
+    """The dense or blockwise path on scaled ``[B, H, W, N, d]`` inputs; ``[B, N, H, W, dv]`` out."""
+    queries, keys, values = _heads_first(q, k, v)
+    if dense:
+        return _dense(queries, keys, values, table_h, table_w).astype(v.dtype)
+    if block_size is None:  # the most rows that fit DEFAULT_BLOCK_BYTES, and at least two blocks
+        row_bytes = dense_logits_bytes(q.shape) // q.shape[1]
+        block_size = max(1, min(DEFAULT_BLOCK_BYTES // row_bytes, q.shape[1] // 2))
+    return _attention(queries, keys, values, table_h, table_w, min(block_size, q.shape[1]))
+
+
+def _fused_attention(q, k, v, table_h, table_w, *, block_size):
+    """Relative logits folded into q and k, then plain flash attention chosen per platform."""
+    if table_h is not None:
+        q, k = fold_relative_logits(q, k, table_h, table_w)
+    heads_first = lambda kernel: lambda *qkv: jnp.moveaxis(on_tokens(kernel)(*qkv), 3, 1)
+    xla = functools.partial(_xla_attention, table_h=None, table_w=None, dense=False, block_size=block_size)
+    tpu, cuda = heads_first(tpu_flash_attention), heads_first(gpu_flash_attention)
+    return jax.lax.platform_dependent(q, k, v, tpu=tpu, cuda=cuda, default=xla)
+
+
 def self_attention_2d(
     q: jax.Array,
     k: jax.Array,
@@ -238,40 +283,40 @@ def self_attention_2d(
       v: ``[B, H, W, N, dv]`` values.
       rel_h, rel_w: relative tables ``[2H-1, dk]`` and ``[2W-1, dk]`` shared across heads, or
         both None for plain content-only attention.
-      implementation: ``"dense"``, ``"blockwise"`` or None (dense if its float32 logits fit in
-        ``memory_budget_bytes``, else blockwise).
-      block_size: query rows per block for the blockwise path; None: the most whose float32
-        logits fit ``DEFAULT_BLOCK_BYTES`` (at least one row, at least two blocks).
-      memory_budget_bytes: the most float32 logits ``implementation=None`` lets the dense path hold.
+      implementation: ``"dense"``, ``"blockwise"``, ``"fused"`` or None (automatic: fused on a
+        TPU or GPU; on a CPU dense if its float32 logits fit ``memory_budget_bytes``, else
+        blockwise). See the module docstring.
+      block_size: query rows per block for the blockwise path (also the CPU form of fused);
+        None: the most whose float32 logits fit ``DEFAULT_BLOCK_BYTES`` (at least one row, at
+        least two blocks).
+      memory_budget_bytes: the most float32 logits ``implementation=None`` lets the dense path
+        hold on a CPU.
 
     Returns:
       ``[B, H, W, N, dv]`` in q's dtype: for each query pixel, the softmax over all H*W key
       pixels of ``q' . k + relative_logits(q', rel_h, rel_w)``, applied to v, where
       ``q' = q * dk**-0.5`` (the paper scales q before both terms). Logits and softmax are
-      float32 whatever the input dtype.
+      float32 whatever the input dtype (the fused path rounds the relative factors to q's
+      dtype before its kernel's float32 dot products).
     """
     _check_args(q, k, v, rel_h, rel_w)
     if implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"implementation={implementation!r} must be one of {IMPLEMENTATIONS} or None")
     if block_size is not None and block_size < 1:
         raise ValueError(f"block_size={block_size} must be >= 1")
-    if implementation is None:
-        fits = dense_logits_bytes(q.shape) <= memory_budget_bytes
-        implementation = "dense" if fits else "blockwise"
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     v = v.astype(q.dtype)
     table_h = table_w = None
     if rel_h is not None:
         table_h, table_w = absolute_table(rel_h).astype(q.dtype), absolute_table(rel_w).astype(q.dtype)
-    # Heads first (B, N, H, W, d): every matmul below then reads its operands without transposes.
-    batch, height, width, heads, _ = q.shape
-    queries = jnp.moveaxis(q, 3, 1)
-    keys, values = (jnp.moveaxis(x, 3, 1).reshape(batch, heads, height * width, -1) for x in (k, v))
-    if implementation == "dense":
-        out = _dense(queries, keys, values, table_h, table_w)
+    args = (q, k, v, table_h, table_w)
+    fused = functools.partial(_fused_attention, block_size=block_size)
+    if implementation == "fused":
+        out = fused(*args)
+    elif implementation is not None:
+        out = _xla_attention(*args, dense=implementation == "dense", block_size=block_size)
     else:
-        if block_size is None:  # the most rows that fit DEFAULT_BLOCK_BYTES, and at least two blocks
-            row_bytes = dense_logits_bytes(q.shape) // height
-            block_size = max(1, min(DEFAULT_BLOCK_BYTES // row_bytes, height // 2))
-        out = _attention(queries, keys, values, table_h, table_w, min(block_size, height))
+        dense = dense_logits_bytes(q.shape) <= memory_budget_bytes
+        cpu = functools.partial(_xla_attention, dense=dense, block_size=block_size)
+        out = jax.lax.platform_dependent(*args, cpu=cpu, default=fused)
     return jnp.moveaxis(out, 1, 3).astype(q.dtype)  # B, H, W, N, dv

@@ -47,7 +47,8 @@ class Augmentation:
       min_key_depth_per_head: dk is raised to at least ``min_key_depth_per_head * num_heads``
         (the paper's CIFAR Wide-ResNet uses 20).
       position: ``"relative"`` (the paper), ``"none"``, ``"sinusoidal"`` or ``"coordconv"``.
-      implementation: the attention implementation (``"dense"``, ``"blockwise"``, None = automatic).
+      implementation: the attention implementation (``"dense"``, ``"blockwise"``, ``"fused"``, None =
+        automatic; see :func:`aacn_jax.functional.self_attention_2d`).
     """
 
     kappa: float = 0.2

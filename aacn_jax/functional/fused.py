@@ -1,0 +1,149 @@
+"""Relative attention as plain attention, so that fused flash-attention kernels compute it.
+
+Bello et al., "Attention Augmented Convolutional Networks", ICCV 2019, arXiv:1904.09925, eq. 2.
+
+The relative logit of a query at (x, y) and a key at (x2, y2) is ``h[x2] + w[y2]`` with
+``h[x2] = qs . r^H[x2 - x + H - 1]`` and ``w[y2] = qs . r^W[y2 - y + W - 1]`` (qs the scaled
+query). Appending ``h`` and ``w`` to the query and the one-hot codes of x2 and y2 to the key
+makes the whole logit one dot product::
+
+    [qs, h, w] . [k, onehot_H(x2), onehot_W(y2)] = qs . k + h[x2] + w[y2]
+
+so relative attention is plain attention of depth ``d + H + W``, which flash kernels compute
+without writing the ``(HW)^2`` logits, forward and backward. Gradients reach q and the tables
+through the factors' einsums (O(HW (H + W)) work); the one-hot columns are constants.
+
+Kernels (all take and return ``[B, T, N, d]``, T = H*W tokens, the scale already applied):
+- :func:`tpu_flash_attention`: JAX's Pallas TPU flash-attention kernel
+  (``jax.experimental.pallas.ops.tpu.flash_attention``).
+- :func:`gpu_flash_attention`: cuDNN's fused attention (``jax.nn.dot_product_attention``) for
+  bfloat16/float16 where cuDNN is present and the depth fits, else JAX's Pallas GPU (Triton)
+  flash-attention kernel (``jax.experimental.pallas.ops.gpu.attention``).
+Both kernels need equal query, key and value depths: the shallower are padded with zero columns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from aacn_jax.functional.relative import relative_logit_factors
+
+__all__ = ["fold_relative_logits", "gpu_flash_attention", "on_tokens", "tpu_flash_attention"]
+
+_TPU_BLOCK = 128  # the TPU kernel's blocks: its backward pass needs multiples of 128 tokens
+_GPU_BLOCK = 128  # Triton's query/key blocks (JAX's default); maps up to 128 tokens use one block
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def fold_relative_logits(
+    q: jax.Array, k: jax.Array, table_h: jax.Array, table_w: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``q, k [B, H, W, N, d] -> [B, H, W, N, d + H + W]`` whose dot products are the full logits.
+
+    ``q`` is the scaled query; ``table_h [H, H, d]`` and ``table_w [W, W, d]`` the absolute tables
+    (:func:`aacn_jax.functional.absolute_table`). The factors are rounded to q's dtype.
+    """
+    height, width = q.shape[1:3]
+    logits_h, logits_w = relative_logit_factors(q, table_h, table_w)  # B, N, H, W, H and B, N, H, W, W
+    factors = [jnp.moveaxis(f, 1, 3).astype(q.dtype) for f in (logits_h, logits_w)]  # B, H, W, N, .
+    onehot_h = jnp.broadcast_to(jnp.eye(height, dtype=k.dtype)[:, None, None, :], (*k.shape[:4], height))
+    onehot_w = jnp.broadcast_to(jnp.eye(width, dtype=k.dtype)[None, :, None, :], (*k.shape[:4], width))
+    return jnp.concatenate([q, *factors], axis=-1), jnp.concatenate([k, onehot_h, onehot_w], axis=-1)
+
+
+def on_tokens(kernel: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """Run ``kernel`` (on ``[B, T, N, d]``) on ``[B, H, W, N, d]`` inputs; the output ``[B, H, W, N, e]``."""
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        batch, height, width, heads, _ = q.shape
+        flat = lambda x: x.reshape(batch, height * width, heads, x.shape[-1])  # B, T, N, d
+        return kernel(flat(q), flat(k), flat(v)).reshape(v.shape)
+
+    return attend
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+    """Zero-pad ``axis`` of x at the end to ``size``."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def tpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention ``[B, T, N, d], [B, T, N, d], [B, T, N, e] -> [B, T, N, e]`` on a TPU.
+
+    Tokens are padded to a multiple of 128 (the kernel's backward pass takes key blocks of whole
+    multiples of 128 lanes), the padded keys masked out by segment ids. Queries, keys and values
+    are padded to one depth, a multiple of 128 above 128 (the kernel's rule).
+    """
+    from jax.experimental.pallas.ops.tpu import flash_attention as tpu
+
+    batch, tokens, _, value_depth = v.shape
+    depth = max(q.shape[-1], value_depth)
+    depth = depth if depth <= 128 else _round_up(depth, 128)
+    padded = _round_up(tokens, _TPU_BLOCK)
+    block = _TPU_BLOCK
+    q, k, v = (_pad_axis(_pad_axis(x, 3, depth), 1, padded).swapaxes(1, 2) for x in (q, k, v))  # B, N, T, d
+    segment_ids = None
+    if padded != tokens:
+        valid = (jnp.arange(padded) < tokens).astype(jnp.int32)  # 1 for real tokens, 0 for padding
+        ids = jnp.broadcast_to(valid, (batch, padded))
+        segment_ids = tpu.SegmentIds(q=jnp.ones_like(ids), kv=ids)
+    sizes = [f.name for f in dataclasses.fields(tpu.BlockSizes) if f.name != "block_b"]
+    blocks = tpu.BlockSizes(block_b=1, **dict.fromkeys(sizes, block))
+    out = tpu.flash_attention(q, k, v, segment_ids=segment_ids, sm_scale=1.0, block_sizes=blocks)
+    return out.swapaxes(1, 2)[:, :tokens, :, :value_depth]
+
+
+@functools.cache
+def _cudnn_max_depth() -> int:
+    """The deepest heads cuDNN's flash attention takes on this process's GPU, or 0 without one.
+
+    Asked at trace time, only by the CUDA branch: a program lowered for CUDA on a machine without
+    a CUDA GPU cannot hold a cuDNN call (JAX refuses to lower it) and takes the Triton kernel.
+    JAX's CUDA builds bring cuDNN along with the GPU backend.
+    """
+    try:
+        device = jax.devices("cuda")[0]
+    except RuntimeError:
+        return 0
+    major = int(str(getattr(device, "compute_capability", "0")).split(".")[0])
+    return 256 if major >= 9 else 128  # cuDNN 9: 256 from Hopper on, 128 before
+
+
+def gpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """Softmax attention ``[B, T, N, d], [B, T, N, d], [B, T, N, e] -> [B, T, N, e]`` on an NVIDIA GPU.
+
+    cuDNN (depth padded to a multiple of 8) for bfloat16/float16 when this process has a CUDA GPU
+    with cuDNN and the depth fits; otherwise the Pallas Triton kernel, whose blocks need the
+    tokens padded to a power of two up to 128 or a multiple of 128 beyond (masked by segment
+    ids). ``interpret`` runs the Triton kernel in Pallas' interpreter (tests on a CPU).
+    """
+    from jax.experimental.pallas.ops.gpu import attention as triton
+
+    batch, tokens, _, value_depth = v.shape
+    depth = _round_up(max(q.shape[-1], value_depth), 8)
+    if not interpret and q.dtype in _CUDNN_DTYPES and depth <= _cudnn_max_depth():
+        q, k, v = (_pad_axis(x, 3, depth) for x in (q, k, v))
+        out = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation="cudnn")
+        return out[..., :value_depth]
+    depth = max(q.shape[-1], value_depth)
+    padded = 1 << max(4, (tokens - 1).bit_length()) if tokens <= _GPU_BLOCK else _round_up(tokens, _GPU_BLOCK)
+    q, k, v = (_pad_axis(_pad_axis(x, 3, depth), 1, padded) for x in (q, k, v))
+    segment_ids = None
+    if padded != tokens:  # padded queries (id 0) attend to padded keys only; their rows are dropped
+        segment_ids = jnp.broadcast_to((jnp.arange(padded) < tokens).astype(jnp.int32), (batch, padded))
+    block = min(padded, _GPU_BLOCK)
+    sizes = ("block_q", "block_k", "block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq")
+    blocks = triton.BlockSizes(**dict.fromkeys(sizes, block))
+    out = triton.mha(q, k, v, segment_ids, sm_scale=1.0, block_sizes=blocks, interpret=interpret)
+    return out[:, :tokens, :, :value_depth]

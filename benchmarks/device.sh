@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Everything this project measures on an accelerator, in one run (about 8 minutes on one GPU):
+#   1. the attention tests on the device (fused path: cuDNN / Pallas kernels against the references)
+#   2. python -m benchmarks.attention --dtype bfloat16 --training_batch   -> results/attention-gpu.json
+#   3. python benchmarks/peers/flex_attention.py (PyTorch FlexAttention)  -> results/peers-gpu.json
+#   4. python -m benchmarks.plot                                          -> results/attention-gpu.png + table
+#   5. python -m benchmarks.models --dtype bfloat16 --training_batch      -> results/models-gpu.json
+#   6. python -m train on the GPU for 3 minutes (bfloat16, digits), stopped by SIGTERM (saves, exits 0)
+#
+# Usage, from the repository root:
+#   bash benchmarks/device.sh --fetch-wheels   # here (with PyPI): grain, ml-collections, tensorboardX
+#                                              # and their missing needs as wheels into .whl/
+#   bash benchmarks/device.sh                  # on the GPU machine (carry .whl); logs and results
+#                                              # go to benchmarks/results/ and, if set, $OUT
+#   bash benchmarks/device.sh --dry-run        # any CPU: every step in its quick form (CI runs this)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-run}
+py=${PYTHON:-python3}
+wheels=(grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 ml-collections==1.1.0 tensorboardX==2.6.5)
+
+if [[ $mode == --fetch-wheels ]]; then
+  echo /.whl/ >>.git/info/exclude
+  "$py" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl "${wheels[@]}"
+  exit 0
+fi
+if [[ $mode != run && $mode != --dry-run ]]; then
+  echo "error: unknown argument $mode: use --fetch-wheels, --dry-run or nothing" >&2
+  exit 2
+fi
+if [[ -d .whl ]] && ! "$py" -c "import grain, ml_collections, tensorboardX" 2>/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+step() { echo "=== $(date +%T) $*"; }
+
+if [[ $mode == --dry-run ]]; then
+  step "dry run: each step in its quick form on $("$py" -c 'import jax; print(jax.default_backend())')"
+  "$py" -m pytest -q -p no:cacheprovider tests/test_fused.py -k folded
+  "$py" -m benchmarks.attention --quick --dtype bfloat16
+  "$py" -m benchmarks.models --quick --dtype bfloat16
+  "$py" -m train --workdir "$(mktemp -d)" --config.num_train_steps=2 --config.eval_every_steps=2 \
+    --config.dtype=bfloat16
+  exit 0
+fi
+
+"$py" -c 'import jax; assert jax.default_backend() == "gpu", jax.devices(); print(jax.devices())'
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+step "1. attention tests on the GPU"
+# float32 matmuls at full precision: the tests compare float32 against float64 references at 1e-5,
+# and a GPU's default float32 matmul rounds its inputs to TensorFloat-32.
+# The fused path's tests (cuDNN in bfloat16, Triton in float32); the TPU interpreter stays on CPUs.
+JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest "$py" -m pytest -q -p no:cacheprovider \
+  tests/test_functional.py tests/test_fused.py tests/test_attention_weights.py -k "fused and not tpu" ||
+  echo "attention tests FAILED (continuing to measure)"
+step "2. attention benchmark"
+"$py" -m benchmarks.attention --dtype bfloat16 --training_batch --no_rss
+step "3. FlexAttention peer"
+"$py" benchmarks/peers/flex_attention.py || echo "FlexAttention peer FAILED"
+step "4. plot"
+"$py" -m benchmarks.plot benchmarks/results/attention-gpu.json
+step "5. model train steps"
+"$py" -m benchmarks.models --dtype bfloat16 --training_batch
+step "6. python -m train for 3 minutes"
+workdir=$(mktemp -d)
+timeout -s TERM 180 "$py" -m train --workdir "$workdir" --config.dtype=bfloat16 --config.batch_size=512 \
+  --config.num_train_steps=100000 --config.eval_every_steps=1000 --config.checkpoint_every_steps=1000 || true
+tail -n 3 "$workdir/metrics.jsonl"
+if [[ -n ${OUT:-} ]]; then
+  cp benchmarks/results/*-gpu.* "$OUT"/ && cp "$workdir/metrics.jsonl" "$OUT/train-gpu-metrics.jsonl"
+fi
+step "done"

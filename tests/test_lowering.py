@@ -1,0 +1,149 @@
+"""Cross-platform lowering: programs exported for TPU and CUDA from this CPU call the fused kernels
+and hold no array with (HW)^2 elements per head (the dense logits), forward and backward.
+
+``jax.export`` lowers for a platform this machine lacks; ``jax.lax.platform_dependent`` keeps only
+that platform's branch, so the module text shows what the accelerator would run. cuDNN cannot be
+lowered without cuDNN present: exported for CUDA here, the fused path takes the Pallas Triton
+kernel; the cuDNN route runs on a GPU in ``benchmarks/device.sh``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from jax import export
+
+from aacn_jax import functional as F
+from aacn_jax import models
+from benchmarks.attention import PAPER_SHAPES
+from train import train
+
+KERNEL_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+BATCH = 128
+
+
+def _export(fn, args, platform: str) -> str:
+    """StableHLO text of ``jit(fn)(*args)`` lowered for ``platform``."""
+    checks = [export.DisabledSafetyCheck.custom_call(KERNEL_CALLS["cuda"])] if platform == "cuda" else []
+    return export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args).mlir_module()
+
+
+def _zero_constants(text: str) -> set[str]:
+    return set(re.findall(r"(%cst\w*) = stablehlo.constant dense<0\.0+e\+00>", text))
+
+
+def _token_counts(height: int, width: int) -> set[int]:
+    """HW and the padded token counts of the kernels (TPU: multiples of 128; Triton: powers of two
+    up to 128, multiples of 128 beyond). 128 itself is left out: the TPU kernel keeps its per-query
+    statistics and segment ids broadcast over 128 lanes (``[B, N, T, 128]``, O(HW)), which at 128
+    tokens look like a 128x128 array, so at maps of up to 128 tokens only an unpadded ``HW x HW``
+    array is caught."""
+    tokens = height * width
+    round_up = lambda n, m: -(-n // m) * m
+    triton = 1 << max(4, (tokens - 1).bit_length()) if tokens <= 128 else round_up(tokens, 128)
+    return {tokens, round_up(tokens, 128), triton} - {128} | {tokens}
+
+
+def quadratic_lines(text: str, batch: int, height: int, width: int) -> list[str]:
+    """Lines of a module that compute an array of ``batch`` images with (HW)^2 elements per head.
+
+    Such an array has the batch first and ends in ``T x T`` for T the number of tokens, padded or
+    not (the logits ``[B, N, T, T]``, a tiled bias), or is ``[B, N, H, W, H, W]``. Allowed: zero
+    fills of the slots that ``platform_dependent``'s ``switch`` keeps for the CPU branch's
+    residuals (JAX joins the residuals of all branches; XLA deletes the unused fill), and the
+    lines that only pass them on.
+    """
+    squares = "|".join(f"{t}x{t}" for t in sorted(_token_counts(height, width)))
+    quadratic = re.compile(
+        rf"tensor<{batch}x(\d+x)*({squares})x[a-z]|tensor<{batch}x\d+x{height}x{width}x{height}x{width}x[a-z]"
+    )
+    zeros = _zero_constants(text)
+    placeholder = re.compile(r"stablehlo.broadcast_in_dim (%cst\w*), dims = \[\] : \(tensor<\w+>\)")
+    offending = []
+    for line in text.splitlines():
+        if not quadratic.search(line):
+            continue
+        fill = placeholder.search(line)
+        if fill and fill.group(1) in zeros:
+            continue
+        if line.strip().startswith(("stablehlo.return", "}) : (tensor<i32>) ->")):
+            continue
+        offending.append(line.strip()[:300])
+    return offending
+
+
+def _attention_vjp(implementation):
+    def run(q, k, v, rel_h, rel_w, cotangent):
+        attention = functools.partial(F.self_attention_2d, implementation=implementation)
+        out, vjp = jax.vjp(attention, q, k, v, rel_h, rel_w)
+        return out, vjp(cotangent)
+
+    return run
+
+
+def _shape_args(shape, dtype=jnp.bfloat16):
+    q, k, v, rel_h, rel_w, cotangent = jax.eval_shape(shape.arrays)
+    return tuple(
+        jax.ShapeDtypeStruct((BATCH, *x.shape[1:]) if x.ndim == 5 else x.shape, dtype)
+        for x in (q, k, v, rel_h, rel_w, cotangent)
+    )
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("implementation", ["fused", None])
+@pytest.mark.parametrize("shape", PAPER_SHAPES, ids=lambda s: s.name)
+def test_attention_forward_backward_lowers_to_the_fused_kernel(shape, implementation, platform):
+    """Every paper layer shape, batch 128, bfloat16: forward and backward are kernel calls
+    (TPU: forward, dK/dV and dQ kernels; Triton: forward, backward preprocessing and backward)."""
+    text = _export(_attention_vjp(implementation), _shape_args(shape), platform)
+    assert text.count(KERNEL_CALLS[platform]) >= 3, f"{platform} kernel calls missing"
+    assert quadratic_lines(text, BATCH, shape.height, shape.width) == []
+
+
+def test_the_check_catches_dense_logits_and_a_tiled_bias():
+    """The dense path (and the paper's tiled bias) in an exported program are reported."""
+    shape = PAPER_SHAPES[2]  # 8x8
+    text = _export(_attention_vjp("dense"), _shape_args(shape), "tpu")
+    assert "tpu_custom_call" not in text
+    assert quadratic_lines(text, BATCH, shape.height, shape.width)
+
+    def with_tiled_bias(q, k, v, rel_h, rel_w, cotangent):
+        bias = F.relative_logits(q, rel_h, rel_w)  # B, N, H, W, H, W
+        out, grads = _attention_vjp("fused")(q, k, v, rel_h, rel_w, cotangent)
+        return out, grads, bias.sum()
+
+    text = _export(with_tiled_bias, _shape_args(shape), "tpu")
+    assert quadratic_lines(text, BATCH, shape.height, shape.width)
+
+
+TRAIN_STEPS = [("aa_wrn28_10", 128, 32, (32, 16, 8)), ("aa_resnet50", 32, 224, (14, 7))]
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize(("name", "batch", "size", "attention_sizes"), TRAIN_STEPS)
+def test_train_step_lowers_to_the_fused_kernel(name, batch, size, attention_sizes, platform):
+    """A whole bfloat16 train step (loss, gradients, SGD update) at the model's training resolution
+    with its default attention: fused kernels forward and backward at every attention map size."""
+    model = models.create(name, num_classes=100, dtype=jnp.bfloat16)
+    tx = optax.sgd(0.1, momentum=0.9)
+    image_shape = (size, size, 3)
+    state = jax.eval_shape(
+        lambda: train.create_state(jax.random.key(0), model=model, tx=tx, image_shape=image_shape)
+    )
+    batch_arrays = {
+        "image": jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32),
+        "label": jax.ShapeDtypeStruct((batch,), jnp.int32),
+    }
+    step = functools.partial(
+        train.train_step, rng=jax.random.key(0), lr_fn=lambda s: 0.1, label_smoothing=0.1
+    )
+    text = _export(step, (state, batch_arrays), platform)
+    # Layers of one shape share their kernels' lowering: three calls (forward and backward) per map size.
+    assert text.count(KERNEL_CALLS[platform]) >= 3 * len(attention_sizes)
+    for side in attention_sizes:
+        assert quadratic_lines(text, batch, side, side) == [], f"{side}x{side}"
