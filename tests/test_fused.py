@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from aacn_jax import functional as F
 from aacn_jax.functional import fused
@@ -126,3 +127,22 @@ def test_fused_on_cpu_holds_no_quadratic_temporary():
 
     dense_logits = F.attention.dense_logits_bytes(shape)
     assert temp_bytes("fused") < dense_logits / 2 < temp_bytes("dense")
+
+
+@pytest.mark.parametrize("implementation", ["fused", None])
+def test_under_a_mesh_each_device_attends_to_its_images(implementation):
+    """Under ``jax.set_mesh`` (4 devices, batch split) the attention runs per device; values and
+    every input's gradient equal those of one device."""
+    rng = np.random.default_rng(940)
+    B, H, W, N, dk, dv = 8, 5, 3, 2, 4, 3
+    args = (*_qkv(rng, B, H, W, N, dk, dv), *_rel(rng, H, W, dk))
+    loss = lambda *a: jnp.sum(F.self_attention_2d(*a, implementation=implementation) ** 2)
+    value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=range(5)))
+    want = value_and_grad(*args)
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        specs = [PartitionSpec("data")] * 3 + [PartitionSpec()] * 2
+        sharded = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs, strict=True)]
+        got = value_and_grad(*sharded)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ kernel; the cuDNN route runs on a GPU in ``benchmarks/device.sh``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 from jax import export
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from aacn_jax import functional as F
 from aacn_jax import models
@@ -27,10 +29,21 @@ KERNEL_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 BATCH = 128
 
 
-def _export(fn, args, platform: str) -> str:
-    """StableHLO text of ``jit(fn)(*args)`` lowered for ``platform``."""
+def _export(fn, args, platform: str, mesh=None) -> str:
+    """StableHLO text of ``jit(fn)(*args)`` lowered for ``platform`` (under ``mesh``, if given)."""
     checks = [export.DisabledSafetyCheck.custom_call(KERNEL_CALLS["cuda"])] if platform == "cuda" else []
-    return export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args).mlir_module()
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
+    return exported.mlir_module()
+
+
+def _data_mesh():
+    """The training script's mesh over this session's 4 simulated devices."""
+    return jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
+
+
+def _sharded(x, mesh, spec):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
 
 
 def _zero_constants(text: str) -> set[str]:
@@ -121,6 +134,22 @@ def test_the_check_catches_dense_logits_and_a_tiled_bias():
     assert quadratic_lines(text, BATCH, shape.height, shape.width)
 
 
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_kernels_run_on_each_devices_share_of_a_sharded_batch(platform):
+    """Batch 128 split over a 4-device mesh: XLA cannot partition a Pallas kernel, so each device
+    must call it on its 32 images (``shard_map`` under ``jax.set_mesh``); without that the export
+    fails ("Mosaic kernels cannot be automatically partitioned")."""
+    shape, mesh = PAPER_SHAPES[0], _data_mesh()
+    specs = [PartitionSpec("data")] * 3 + [PartitionSpec()] * 2 + [PartitionSpec("data")]
+    args = [_sharded(x, mesh, spec) for x, spec in zip(_shape_args(shape), specs, strict=True)]
+    text = _export(_attention_vjp(None), args, platform, mesh)
+    calls = [line for line in text.splitlines() if KERNEL_CALLS[platform] in line and "custom_call" in line]
+    assert len(calls) >= 3
+    assert all(f"tensor<{BATCH // 4}x" in line and f"tensor<{BATCH}x" not in line for line in calls)
+    for batch in (BATCH, BATCH // 4):
+        assert quadratic_lines(text, batch, shape.height, shape.width) == []
+
+
 TRAIN_STEPS = [("aa_wrn28_10", 128, 32, (32, 16, 8)), ("aa_resnet50", 32, 224, (14, 7))]
 
 
@@ -128,22 +157,30 @@ TRAIN_STEPS = [("aa_wrn28_10", 128, 32, (32, 16, 8)), ("aa_resnet50", 32, 224, (
 @pytest.mark.parametrize(("name", "batch", "size", "attention_sizes"), TRAIN_STEPS)
 def test_train_step_lowers_to_the_fused_kernel(name, batch, size, attention_sizes, platform):
     """A whole bfloat16 train step (loss, gradients, SGD update) at the model's training resolution
-    with its default attention: fused kernels forward and backward at every attention map size."""
+    with its default attention, as ``train.py`` runs it on 4 devices (batch split over a ``data``
+    mesh set with ``jax.set_mesh``, state replicated): fused kernels forward and backward at every
+    attention map size, each on one device's share of the batch, and no (HW)^2 array."""
     model = models.create(name, num_classes=100, dtype=jnp.bfloat16)
     tx = optax.sgd(0.1, momentum=0.9)
     image_shape = (size, size, 3)
+    mesh = _data_mesh()
     state = jax.eval_shape(
         lambda: train.create_state(jax.random.key(0), model=model, tx=tx, image_shape=image_shape)
     )
+    state = jax.tree.map(lambda x: _sharded(x, mesh, PartitionSpec()), state)
     batch_arrays = {
         "image": jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32),
         "label": jax.ShapeDtypeStruct((batch,), jnp.int32),
     }
+    batch_arrays = jax.tree.map(lambda x: _sharded(x, mesh, PartitionSpec("data")), batch_arrays)
     step = functools.partial(
         train.train_step, rng=jax.random.key(0), lr_fn=lambda s: 0.1, label_smoothing=0.1
     )
-    text = _export(step, (state, batch_arrays), platform)
+    text = _export(step, (state, batch_arrays), platform, mesh)
     # Layers of one shape share their kernels' lowering: three calls (forward and backward) per map size.
-    assert text.count(KERNEL_CALLS[platform]) >= 3 * len(attention_sizes)
+    calls = [line for line in text.splitlines() if KERNEL_CALLS[platform] in line and "custom_call" in line]
+    assert len(calls) >= 3 * len(attention_sizes)
+    assert all(f"tensor<{batch // 4}x" in line for line in calls)
     for side in attention_sizes:
-        assert quadratic_lines(text, batch, side, side) == [], f"{side}x{side}"
+        for images in (batch, batch // 4):
+            assert quadratic_lines(text, images, side, side) == [], f"{side}x{side}"

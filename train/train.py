@@ -265,6 +265,13 @@ def train_and_evaluate(
             f"{jax.device_count()} ({jax.local_device_count()} on each of {jax.process_count()} processes)"
         )
     mesh = sharding.make_mesh()
+    # Under the mesh the fused attention kernels run on each device's share of the batch.
+    with jax.set_mesh(mesh):
+        return _train_and_evaluate_on(mesh, config, workdir, eval_only, data, start_time)
+
+
+def _train_and_evaluate_on(mesh, config, workdir, eval_only, data, start_time) -> TrainState:
+    """:func:`train_and_evaluate` once the mesh is made."""
     data = data or input_pipeline.create_dataset(config)
     input_pipeline.check_dataset(data)
     model = create_model(config, data.num_classes)

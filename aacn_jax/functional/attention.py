@@ -262,7 +262,25 @@ def _fused_attention(q, k, v, table_h, table_w, *, block_size):
     heads_first = lambda kernel: lambda *qkv: jnp.moveaxis(on_tokens(kernel)(*qkv), 3, 1)
     xla = functools.partial(_xla_attention, table_h=None, table_w=None, dense=False, block_size=block_size)
     tpu, cuda = heads_first(tpu_flash_attention), heads_first(gpu_flash_attention)
-    return jax.lax.platform_dependent(q, k, v, tpu=tpu, cuda=cuda, default=xla)
+    attend = lambda q, k, v: jax.lax.platform_dependent(q, k, v, tpu=tpu, cuda=cuda, default=xla)
+    return _per_device(attend, q, k, v)
+
+
+def _per_device(attend, *arrays):
+    """``attend(*arrays)`` on each device's share of the batch when a mesh is set (``jax.set_mesh``).
+
+    XLA cannot partition a Pallas kernel across devices ("Mosaic kernels cannot be automatically
+    partitioned"), so under a mesh the batch is split over all its axes by ``jax.shard_map`` and
+    each device runs the kernel on its images. Without a mesh, or with a batch that the mesh does
+    not divide, the call is left to XLA as it is (fine on one device and for the CPU's XLA path).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or arrays[0].shape[0] % mesh.size:
+        return attend(*arrays)
+    batch = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+    # check_vma=False: JAX's shipped Pallas kernels do not declare how their outputs vary over the
+    # mesh axes, which the check needs.
+    return jax.shard_map(attend, mesh=mesh, in_specs=batch, out_specs=batch, check_vma=False)(*arrays)
 
 
 def self_attention_2d(
