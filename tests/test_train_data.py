@@ -38,6 +38,7 @@ def test_cifar_tarball_in_the_official_format_loads(tmp_path, monkeypatch, name)
     config = helpers.tiny_config({"dataset": name, "data_dir": str(tmp_path), "download": False})
     data = input_pipeline.create_dataset(config)
     assert data.num_classes == (10 if name == "cifar10" else 100)
+    assert data.class_names == tuple(f"class {i}" for i in range(data.num_classes))
     assert data.image_shape == (32, 32, 3)
     assert len(data.train) == len(train_y) and len(data.test) == len(test_y)
     for source, images, labels in ((data.train, train_x, train_y), (data.test, test_x, test_y)):
@@ -60,6 +61,10 @@ def test_cifar_tarball_in_the_official_format_loads(tmp_path, monkeypatch, name)
     ]
     assert any(np.allclose(augmented, crop, atol=1e-3) for crop in crops)
     assert not np.allclose(augmented, image, atol=1e-3)  # this rng does move the image
+    # A picture of a test image, prepared for prediction, is the test transform's image.
+    Image.fromarray(test_x[0]).save(tmp_path / "picture.png")
+    picture = input_pipeline.picture_transform(name, 224)(str(tmp_path / "picture.png"))
+    np.testing.assert_array_equal(picture, record["image"])
 
 
 @pytest.mark.parametrize("damage", ["truncated", "one byte changed"])
@@ -163,6 +168,9 @@ def test_imagenet_folder_tree_is_decoded_cropped_and_labelled(tmp_path):
     data = input_pipeline.create_dataset(config)
     assert (data.num_classes, data.image_shape, len(data.train), len(data.test)) == (2, (16, 16, 3), 4, 4)
     assert [data.train[i]["label"] for i in range(4)] == [0, 0, 1, 1]
+    assert data.class_names == ("n01", "n02")
+    picture = input_pipeline.picture_transform("imagenet", 16)(data.test[0]["image"])
+    np.testing.assert_array_equal(picture, data.test_transform(data.test[0])["image"])
     batch = next(input_pipeline.train_iterator(data, batch_size=4, seed=0))
     assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.float32
     assert sorted(batch["label"]) == [0, 0, 1, 1]

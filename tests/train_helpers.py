@@ -63,8 +63,9 @@ def flat_params(params) -> dict[str, np.ndarray]:
 
 
 def write_cifar_tarball(data_dir: pathlib.Path, name: str, rng: np.random.Generator):
-    """A small tarball in the official CIFAR python format; returns ``(train, test)`` as
-    ``(images [N, 32, 32, 3], labels [N])`` with the pixels where the format puts them."""
+    """A small tarball in the official CIFAR python format (class names ``class <i>`` in its meta
+    file); returns ``(train, test)`` as ``(images [N, 32, 32, 3], labels [N])`` with the pixels
+    where the format puts them."""
     if name == "cifar10":
         archive, folder, label_key = "cifar-10-python.tar.gz", "cifar-10-batches-py", b"labels"
         members = {f"data_batch_{i}": 2 for i in range(1, 6)} | {"test_batch": 3}
@@ -85,6 +86,12 @@ def write_cifar_tarball(data_dir: pathlib.Path, name: str, rng: np.random.Genera
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
             arrays[member] = (data.reshape(count, 3, 32, 32).transpose(0, 2, 3, 1), np.array(labels))
+        meta, key = ("batches.meta", b"label_names") if name == "cifar10" else ("meta", b"fine_label_names")
+        names = [f"class {i}".encode() for i in range(10 if name == "cifar10" else 100)]
+        payload = pickle.dumps({key: names}, protocol=2)
+        info = tarfile.TarInfo(f"{folder}/{meta}")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
     split = [k for k in arrays if k.startswith("test")]
     train = [v for k, v in arrays.items() if k not in split]
     return (

@@ -2,8 +2,9 @@
 
 With no arguments it trains the default config (an AA-ResNet on scikit-learn's digits) in
 ``runs/digits``. Running the same command again resumes from the latest checkpoint;
-``--eval_only`` evaluates that checkpoint. SIGTERM or Ctrl-C saves a checkpoint of the current
-step and exits 0 (README, "Preemption and resume").
+``--eval_only --workdir DIR`` evaluates that checkpoint with the config recorded in DIR.
+SIGTERM or Ctrl-C saves a checkpoint of the current step and exits 0 (README, "Preemption and
+resume").
 """
 
 import os
@@ -12,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train import train
+from train import run_record, train
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
@@ -22,7 +23,11 @@ flags.DEFINE_string(
     "Checkpoints, metrics.jsonl and TensorBoard files. Default: runs/<config file name>, "
     "runs/digits for the default config.",
 )
-flags.DEFINE_bool("eval_only", False, "Evaluate the latest checkpoint in --workdir and exit.")
+flags.DEFINE_bool(
+    "eval_only",
+    False,
+    "Evaluate the latest checkpoint in --workdir and exit (with the config recorded there, unless --config).",
+)
 FLAGS = flags.FLAGS
 
 
@@ -54,7 +59,14 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
     workdir = FLAGS.workdir or os.path.join("runs", "digits" if config_name == "default" else config_name)
-    train.train_and_evaluate(FLAGS.config, workdir, eval_only=FLAGS.eval_only)
+    config = FLAGS.config
+    if FLAGS.eval_only and not FLAGS["config"].present:
+        try:
+            config = run_record.read_config(workdir)
+        except FileNotFoundError as error:
+            sys.stderr.write(f"error: --eval_only: {error}\n")
+            sys.exit(2)
+    train.train_and_evaluate(config, workdir, eval_only=FLAGS.eval_only)
 
 
 if __name__ == "__main__":

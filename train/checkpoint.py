@@ -110,3 +110,31 @@ def check_compatible(manager: ocp.CheckpointManager, abstract_state: Any) -> Non
             f"({len(problems)} arrays differ):\n  {listed}{more}\nUse the config it was trained with, or "
             "another --workdir to start a new run."
         )
+
+
+def restore_variables(workdir: str, abstract_variables: dict[str, Any], step: int | None = None) -> dict:
+    """The model variables (``params``, ``batch_stats``) of a checkpoint, without the optimizer state.
+
+    Reads only those arrays (Orbax partial restore), into the shardings of ``abstract_variables``,
+    through a manager that creates and deletes nothing: safe while a training run writes into the
+    same workdir. ``step``: None for the latest complete checkpoint.
+    """
+    steps = saved_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"no checkpoint of step {step} in {workdir} (it has {steps})")
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(create=False),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+    )
+    item = ocp.args.PyTreeRestore(
+        item=abstract_variables,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_variables),
+        partial_restore=True,
+    )
+    with manager:
+        return manager.restore(step, args=ocp.args.Composite(state=item)).state

@@ -49,6 +49,7 @@ class Dataset:
       image_shape: ``(H, W, C)`` of a transformed image.
       train_transform: ``(record, rng) -> record`` with augmentation.
       test_transform: ``record -> record``.
+      class_names: the label names, where the data set has them (else empty).
     """
 
     train: Sequence[Record]
@@ -57,6 +58,7 @@ class Dataset:
     image_shape: tuple[int, int, int]
     train_transform: Callable[[Record, np.random.Generator], Record]
     test_transform: Callable[[Record], Record]
+    class_names: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +144,9 @@ def resize_center_crop(record: Record, *, size: int, mean, std) -> Record:
 # Data sets.
 
 
+DIGITS_MEAN, DIGITS_STD = (4.886,), (6.018,)  # of the training split, on the 0..16 scale
+
+
 def digits() -> Dataset:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -151,7 +156,7 @@ def digits() -> Dataset:
     train_x, test_x, train_y, test_y = train_test_split(
         images, data.target.astype(np.int32), test_size=360, stratify=data.target, random_state=0
     )
-    test_transform = functools.partial(normalize, mean=(4.886,), std=(6.018,))  # of the training split
+    test_transform = evaluation_transform("digits", 8)
     return Dataset(
         ArraySource(train_x, train_y),
         ArraySource(test_x, test_y),
@@ -159,6 +164,7 @@ def digits() -> Dataset:
         image_shape=(8, 8, 1),
         train_transform=functools.partial(without_augmentation, transform=test_transform),
         test_transform=test_transform,
+        class_names=tuple(str(digit) for digit in range(10)),
     )
 
 
@@ -170,6 +176,7 @@ CIFAR = {
         test=["cifar-10-batches-py/test_batch"],
         label_key=b"labels",
         num_classes=10,
+        meta=("cifar-10-batches-py/batches.meta", b"label_names"),
     ),
     "cifar100": dict(
         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
@@ -178,9 +185,11 @@ CIFAR = {
         test=["cifar-100-python/test"],
         label_key=b"fine_labels",
         num_classes=100,
+        meta=("cifar-100-python/meta", b"fine_label_names"),
     ),
 }
 CIFAR_MEAN, CIFAR_STD = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)
+DATASETS = ("digits", *CIFAR, "imagenet")
 
 
 def _md5(path: str) -> str:
@@ -227,8 +236,14 @@ def cifar(name: str, data_dir: str, *, download: bool) -> Dataset:
         labels = np.concatenate([batch[spec["label_key"]] for batch in batches]).astype(np.int32)
         return ArraySource(images.transpose(0, 2, 3, 1), labels)  # N, 32, 32, 3
 
+    def class_names(tar: tarfile.TarFile) -> tuple[str, ...]:
+        member, key = spec["meta"]
+        if member not in tar.getnames():  # the official tarballs have it
+            return ()
+        return tuple(name.decode() for name in pickle.load(tar.extractfile(member), encoding="bytes")[key])
+
     with tarfile.open(path) as tar:
-        train, test = load(tar, spec["train"]), load(tar, spec["test"])
+        train, test, names = load(tar, spec["train"]), load(tar, spec["test"]), class_names(tar)
     stats = dict(mean=CIFAR_MEAN, std=CIFAR_STD)
     return Dataset(
         train,
@@ -236,7 +251,8 @@ def cifar(name: str, data_dir: str, *, download: bool) -> Dataset:
         num_classes=spec["num_classes"],
         image_shape=(32, 32, 3),
         train_transform=functools.partial(pad_crop_flip, pad=4, **stats),
-        test_transform=functools.partial(normalize, **stats),
+        test_transform=evaluation_transform(name, 32),
+        class_names=names,
     )
 
 
@@ -263,6 +279,7 @@ IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 def imagenet(data_dir: str, *, image_size: int) -> Dataset:
     train_dir, val_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
+    classes = ()
     if os.path.isdir(train_dir):
         classes = tuple(sorted(entry.name for entry in os.scandir(train_dir) if entry.is_dir()))
         train, test = ImageFolderSource(train_dir, classes), ImageFolderSource(val_dir, classes)
@@ -288,7 +305,8 @@ def imagenet(data_dir: str, *, image_size: int) -> Dataset:
         num_classes=num_classes,
         image_shape=(image_size, image_size, 3),
         train_transform=functools.partial(random_resized_crop_flip, **stats),
-        test_transform=functools.partial(resize_center_crop, **stats),
+        test_transform=evaluation_transform("imagenet", image_size),
+        class_names=classes,
     )
 
 
@@ -301,7 +319,43 @@ def create_dataset(config) -> Dataset:
         return cifar(config.dataset, data_dir, download=config.download)
     if config.dataset == "imagenet":
         return imagenet(data_dir, image_size=config.image_size)
-    raise ValueError(f"dataset={config.dataset!r} must be one of {('digits', *CIFAR, 'imagenet')}")
+    raise ValueError(f"dataset={config.dataset!r} must be one of {DATASETS}")
+
+
+def evaluation_transform(dataset: str, image_size: int) -> Callable[[Record], Record]:
+    """The test transform of a data set, known from its name alone (no records needed)."""
+    if dataset == "digits":
+        return functools.partial(normalize, mean=DIGITS_MEAN, std=DIGITS_STD)
+    if dataset in CIFAR:
+        return functools.partial(normalize, mean=CIFAR_MEAN, std=CIFAR_STD)
+    if dataset == "imagenet":
+        return functools.partial(resize_center_crop, size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    raise ValueError(f"dataset={dataset!r} must be one of {DATASETS}")
+
+
+def picture_transform(dataset: str, image_size: int) -> Callable[[str], np.ndarray]:
+    """``image file -> model input`` as the data set's test transform prepares its images.
+
+    Any PNG or JPEG: ``digits`` takes it as grey, resized to 8x8 and scaled to the data set's
+    0..16 range; CIFAR as RGB resized to 32x32; ImageNet through the evaluation resize and centre
+    crop. Needs no records, so a trained model classifies pictures without its data set.
+    """
+    transform = evaluation_transform(dataset, image_size)
+    if dataset == "digits":
+        decode = functools.partial(_resized_picture, mode="L", size=8, scale=16 / 255)
+    elif dataset in CIFAR:
+        decode = functools.partial(_resized_picture, mode="RGB", size=32, scale=1.0)
+    else:
+        decode = str  # ImageNet's transform opens the file itself
+    return lambda path: transform({"image": decode(path), "label": 0})["image"]
+
+
+def _resized_picture(path: str, *, mode: str, size: int, scale: float) -> np.ndarray:
+    """``[size, size, C]`` uint8 in the data set's value range: ``round(pixel * scale)``."""
+    with Image.open(path) as picture:
+        picture = picture.convert(mode).resize((size, size), Image.BILINEAR)
+    pixels = np.round(np.asarray(picture, np.float32) * scale).astype(np.uint8)
+    return pixels.reshape(size, size, -1)
 
 
 # ---------------------------------------------------------------------------------------------

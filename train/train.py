@@ -21,7 +21,7 @@ from flax.training import train_state
 from tqdm import tqdm
 
 from aacn_jax import models
-from train import checkpoint, input_pipeline, metrics, preemption, preflight, sharding
+from train import checkpoint, input_pipeline, metrics, preemption, preflight, run_record, sharding
 
 
 class TrainState(train_state.TrainState):
@@ -240,6 +240,17 @@ def train_loop(
     return state
 
 
+def dataset_record(config: ml_collections.ConfigDict, data: input_pipeline.Dataset) -> dict[str, Any]:
+    """What ``dataset.json`` keeps of the data set: enough to prepare and name new images."""
+    return {
+        "dataset": config.dataset,
+        "image_size": config.image_size,
+        "num_classes": data.num_classes,
+        "image_shape": list(data.image_shape),
+        "class_names": list(data.class_names),
+    }
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -305,11 +316,21 @@ def _train_and_evaluate_on(mesh, config, workdir, eval_only, data, start_time) -
             checkpoint_bytes=preflight.state_bytes(abstract_state),
             checkpoints_to_write=config.max_checkpoints_to_keep + 1 - kept,  # + 1: the one being written
         )
+    if jax.process_index() == 0:
+        devices = f"{jax.device_count()} {jax.devices()[0].platform} device(s)"
+        action = "Evaluating" if eval_only else f"Training ({num_steps} steps)"
+        print(
+            f"{action} {config.model} on {config.dataset} ({len(data.train)} train / {len(data.test)} test "
+            f"images, {data.num_classes} classes) on {devices}, workdir {workdir}",
+            flush=True,
+        )
     manager = checkpoint.create_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
     # Closing the manager waits for the asynchronous saves, also when training stops with an error.
     with manager, metrics.MetricWriter(workdir) as writer:
         if manager.latest_step() is not None:
             checkpoint.check_compatible(manager, abstract_state)
+        if jax.process_index() == 0:
+            run_record.write_or_check(workdir, config, dataset_record(config, data), write=not eval_only)
         if eval_only:
             if manager.latest_step() is None:
                 raise FileNotFoundError(f"--eval_only: no checkpoint in {manager.directory}")

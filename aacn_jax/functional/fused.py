@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -128,7 +129,9 @@ def gpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: 
     tokens padded to a power of two up to 128 or a multiple of 128 beyond (masked by segment
     ids). ``interpret`` runs the Triton kernel in Pallas' interpreter (tests on a CPU).
     """
-    from jax.experimental.pallas.ops.gpu import attention as triton
+    with warnings.catch_warnings():  # JAX 0.12 deprecates it for tokamax, not a dependency here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu import attention as triton
 
     batch, tokens, _, value_depth = v.shape
     depth = _round_up(max(q.shape[-1], value_depth), 8)

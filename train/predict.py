@@ -1,0 +1,141 @@
+"""Classify pictures with a trained model: ``python -m train.predict --workdir DIR IMAGE...``.
+
+Each PNG or JPEG (any size) is prepared as the run's test transform prepares its images
+(``input_pipeline.picture_transform``), the model of the workdir's latest checkpoint (or
+``--step``) classifies them in jitted batches, and the top classes are printed with their
+probabilities and, where the data set has them, names. ``--export PATH`` also writes the inference
+function with its weights as a ``jax.export`` artifact (StableHLO for ``--export_platform``: cpu,
+tpu or cuda; one platform per artifact, as the Pallas kernels of the TPU and GPU attention lower
+for their own platform only) for batches of ``--batch_size`` images, which runs with JAX alone::
+
+    exported = jax.export.deserialize(open(PATH, "rb").read())
+    logits = exported.call(images)  # float32 [batch_size, H, W, C], prepared as above
+
+(The batch is fixed because the attention path is chosen by the size of its logits.)
+
+Bad input (a workdir without a run or checkpoint, a picture that does not decode, an export path
+that cannot be written) is one line on stderr and exit code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import export
+from PIL import Image
+
+from train import checkpoint, input_pipeline, run_record
+from train.loading import load
+
+EXPORT_PLATFORMS = ("cpu", "tpu", "cuda")
+# The Pallas Triton kernel of the fused attention is a custom call jax.export does not vouch for.
+_TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def prepare(workdir: str, paths: Sequence[str]) -> np.ndarray:
+    """``[N, H, W, C]`` float32 model inputs from picture files, as the run's test transform does."""
+    dataset = run_record.read_dataset(workdir)
+    transform = input_pipeline.picture_transform(dataset["dataset"], dataset["image_size"])
+    return np.stack([transform(path) for path in paths])
+
+
+def export_inference(
+    model, variables, image_shape: Sequence[int], batch: int, platform: str = "cpu"
+) -> export.Exported:
+    """``images [batch, *image_shape] -> logits [batch, classes]`` with the weights inside, for one
+    platform."""
+    infer = jax.jit(lambda images: model.apply(variables, images, train=False))
+    images = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
+    checks = [export.DisabledSafetyCheck.custom_call(_TRITON_CALL)]
+    return export.export(infer, platforms=[platform], disabled_checks=checks)(images)
+
+
+def top_classes(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list[str]:
+    """``"name (p%)"`` of the ``k`` most probable classes of each row."""
+    rows = []
+    for row in probabilities:
+        best = np.argsort(row)[::-1][:k]
+        rows.append(", ".join(f"{class_names[i] if class_names else i} ({row[i]:.1%})" for i in best))
+    return rows
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Every bad input named in one line, before any work."""
+    for name in (run_record.CONFIG_FILE, run_record.DATASET_FILE):
+        if not os.path.exists(os.path.join(args.workdir, name)):
+            _fail(f"--workdir {args.workdir} has no {name}: give the workdir of a python -m train run")
+    if not checkpoint.saved_steps(args.workdir):
+        _fail(f"--workdir {args.workdir} has no checkpoint yet: train first (python -m train --workdir ...)")
+    for path in args.images:
+        try:
+            with Image.open(path) as picture:
+                picture.verify()
+        except (OSError, SyntaxError) as error:
+            _fail(f"image {path} cannot be decoded ({error}): give PNG or JPEG files")
+    if args.export:
+        folder = os.path.dirname(os.path.abspath(args.export))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            _fail(f"--export {args.export}: cannot write in {folder}: give a path in a writable folder")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("images", nargs="+", help="PNG or JPEG files")
+    parser.add_argument("--workdir", required=True, help="workdir of a python -m train run")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--top", type=int, default=5, help="classes printed per image")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per jitted call (and export)")
+    parser.add_argument("--export", help="also write the inference function as a jax.export artifact here")
+    parser.add_argument(
+        "--export_platform", default="cpu", choices=EXPORT_PLATFORMS, help="the artifact's platform"
+    )
+    args = parser.parse_args(argv)
+    _check_inputs(args)
+    dataset = run_record.read_dataset(args.workdir)
+    step = args.step if args.step is not None else checkpoint.saved_steps(args.workdir)[-1]
+    config = run_record.read_config(args.workdir)
+    print(
+        f"Classifying {len(args.images)} image(s) with {config.model} ({dataset['dataset']}, "
+        f"{dataset['num_classes']} classes) from the checkpoint of step {step} in {args.workdir} "
+        f"on {jax.local_device_count()} {jax.devices()[0].platform} device(s)",
+        flush=True,
+    )
+    images = prepare(args.workdir, args.images)
+    try:
+        model, variables, _ = load(args.workdir, args.step)
+    except FileNotFoundError as error:
+        _fail(f"--step {args.step}: {error}")
+    probabilities = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False)))
+    batch = args.batch_size
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch]
+        padded = np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+        rows = np.asarray(probabilities(variables, padded))[: len(chunk)]
+        names = args.images[start : start + batch]
+        for path, text in zip(names, top_classes(rows, dataset["class_names"], args.top), strict=True):
+            print(f"{path}: {text}")
+    if args.export:
+        exported = export_inference(model, variables, dataset["image_shape"], batch, args.export_platform)
+        artifact = exported.serialize()  # before opening the file: a failure leaves nothing behind
+        with open(args.export, "wb") as file:
+            file.write(artifact)
+        print(f"wrote {args.export}: logits of {batch} images at a time, for {args.export_platform}")
+
+
+if __name__ == "__main__":
+    main()
