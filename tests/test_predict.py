@@ -143,6 +143,7 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(workdir, held_out
         ([picture], empty, f"--workdir {empty} has no config.json"),
         ([picture], untrained, f"--workdir {untrained} has no checkpoint yet"),
         ([picture, "--export", str(tmp_path / "missing" / "model.jax")], workdir, "--export"),
+        ([picture, "--step", "7"], workdir, "--step 7: no such checkpoint"),
     ]
     for args, folder, message in cases:
         result = _run(["-m", "train.predict", "--workdir", str(folder), *args], timeout=60)

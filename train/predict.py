@@ -75,8 +75,14 @@ def _check_inputs(args: argparse.Namespace) -> None:
     for name in (run_record.CONFIG_FILE, run_record.DATASET_FILE):
         if not os.path.exists(os.path.join(args.workdir, name)):
             _fail(f"--workdir {args.workdir} has no {name}: give the workdir of a python -m train run")
-    if not checkpoint.saved_steps(args.workdir):
+    steps = checkpoint.saved_steps(args.workdir)
+    if not steps:
         _fail(f"--workdir {args.workdir} has no checkpoint yet: train first (python -m train --workdir ...)")
+    if args.step is not None and args.step not in steps:
+        _fail(f"--step {args.step}: no such checkpoint in {args.workdir}: give one of {steps}")
+    for name in ("top", "batch_size"):
+        if getattr(args, name) < 1:
+            _fail(f"--{name} {getattr(args, name)}: give a positive number")
     for path in args.images:
         try:
             with Image.open(path) as picture:
@@ -116,10 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         flush=True,
     )
     images = prepare(args.workdir, args.images)
-    try:
-        model, variables, _ = load(args.workdir, args.step)
-    except FileNotFoundError as error:
-        _fail(f"--step {args.step}: {error}")
+    model, variables, _ = load(args.workdir, args.step)
     probabilities = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False)))
     batch = args.batch_size
     for start in range(0, len(images), batch):
