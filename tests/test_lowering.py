@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 from jax import export
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from aacn_jax import functional as F
 from aacn_jax import models
@@ -27,14 +27,26 @@ from train import train
 
 KERNEL_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 BATCH = 128
+GPU_TARGET = AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
 
 
 def _export(fn, args, platform: str, mesh=None) -> str:
     """StableHLO text of ``jit(fn)(*args)`` lowered for ``platform`` (under ``mesh``, if given)."""
     checks = [export.DisabledSafetyCheck.custom_call(KERNEL_CALLS["cuda"])] if platform == "cuda" else []
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    with _lowering_target(platform, mesh):
         exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
     return exported.mlir_module()
+
+
+def _lowering_target(platform: str, mesh):
+    """``jax.set_mesh(mesh)`` as the training script does; for CUDA an abstract mesh of H100s of the
+    same shape instead: JAX 0.12's Triton lowering asks for the target GPU, which this machine
+    lacks ("No supported GPU devices found, please specify an abstract GPU device")."""
+    if platform != "cuda":
+        return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    sizes, names = (tuple(mesh.shape.values()), mesh.axis_names) if mesh is not None else ((1,), ("data",))
+    gpus = AbstractMesh(sizes, names, axis_types=(AxisType.Auto,) * len(names), abstract_device=GPU_TARGET)
+    return jax.sharding.use_abstract_mesh(gpus)
 
 
 def _data_mesh():

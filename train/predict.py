@@ -123,8 +123,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     images = prepare(args.workdir, args.images)
     model, variables, _ = load(args.workdir, args.step)
-    probabilities = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False)))
     batch = args.batch_size
+    if args.export:  # first: a platform that cannot be lowered here fails before any answer
+        try:
+            exported = export_inference(model, variables, dataset["image_shape"], batch, args.export_platform)
+        except RuntimeError as error:  # JAX 0.12 lowers the GPU Triton kernel only on a GPU machine
+            _fail(f"--export_platform {args.export_platform}: {error}: export on a machine with one")
+        artifact = exported.serialize()
+    probabilities = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False)))
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
         padded = np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
@@ -133,8 +139,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         for path, text in zip(names, top_classes(rows, dataset["class_names"], args.top), strict=True):
             print(f"{path}: {text}")
     if args.export:
-        exported = export_inference(model, variables, dataset["image_shape"], batch, args.export_platform)
-        artifact = exported.serialize()  # before opening the file: a failure leaves nothing behind
         with open(args.export, "wb") as file:
             file.write(artifact)
         print(f"wrote {args.export}: logits of {batch} images at a time, for {args.export_platform}")
