@@ -146,6 +146,15 @@ def test_the_check_catches_dense_logits_and_a_tiled_bias():
     assert quadratic_lines(text, BATCH, shape.height, shape.width)
 
 
+def test_default_keeps_the_xla_paths_where_fused_has_no_kernel():
+    """Exported for ROCm (no fused kernel there) the default is the CPU's choice by memory, not the
+    folded inputs (depth 20 + 32 + 32 = 84 at 32x32) on the blockwise path."""
+    shape = PAPER_SHAPES[0]
+    text = _export(lambda *a: F.self_attention_2d(*a[:5]), _shape_args(shape), "rocm")
+    assert "x84x" not in text and "custom_call" not in text
+    assert "x84x" in _export(_attention_vjp("fused"), _shape_args(shape), "rocm")  # the check sees folding
+
+
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_kernels_run_on_each_devices_share_of_a_sharded_batch(platform):
     """Batch 128 split over a 4-device mesh: XLA cannot partition a Pallas kernel, so each device

@@ -21,10 +21,11 @@ their matmuls read q, k, v and the softmax weights as laid out, with no transpos
   (:mod:`aacn_jax.functional.fused`), then plain flash attention: the Pallas TPU kernel on a TPU,
   cuDNN or the Pallas Triton kernel on an NVIDIA GPU, the blockwise path elsewhere. On an
   accelerator no ``(HW)^2`` array, forward or backward.
-- ``implementation=None``: fused on accelerators; on a CPU dense when its float32 logits fit
-  ``memory_budget_bytes``, else blockwise with the largest block that fits (and at least two
-  blocks). The choice is made per platform with ``jax.lax.platform_dependent``, so a program
-  exported for a TPU or GPU from a CPU machine holds the accelerator's path.
+- ``implementation=None``: fused on a TPU or an NVIDIA GPU (where it has a kernel); elsewhere (a
+  CPU) dense when its float32 logits fit ``memory_budget_bytes``, else blockwise with the largest
+  block that fits (and at least two blocks). The choice is made per platform with
+  ``jax.lax.platform_dependent``, so a program exported for a TPU or GPU from a CPU machine holds
+  the accelerator's path.
 """
 
 from __future__ import annotations
@@ -302,13 +303,13 @@ def self_attention_2d(
       rel_h, rel_w: relative tables ``[2H-1, dk]`` and ``[2W-1, dk]`` shared across heads, or
         both None for plain content-only attention.
       implementation: ``"dense"``, ``"blockwise"``, ``"fused"`` or None (automatic: fused on a
-        TPU or GPU; on a CPU dense if its float32 logits fit ``memory_budget_bytes``, else
-        blockwise). See the module docstring.
+        TPU or NVIDIA GPU; elsewhere dense if its float32 logits fit ``memory_budget_bytes``,
+        else blockwise). See the module docstring.
       block_size: query rows per block for the blockwise path (also the CPU form of fused);
         None: the most whose float32 logits fit ``DEFAULT_BLOCK_BYTES`` (at least one row, at
         least two blocks).
       memory_budget_bytes: the most float32 logits ``implementation=None`` lets the dense path
-        hold on a CPU.
+        hold where fused has no kernel (a CPU).
 
     Returns:
       ``[B, H, W, N, dv]`` in q's dtype: for each query pixel, the softmax over all H*W key
@@ -335,6 +336,6 @@ def self_attention_2d(
         out = _xla_attention(*args, dense=implementation == "dense", block_size=block_size)
     else:
         dense = dense_logits_bytes(q.shape) <= memory_budget_bytes
-        cpu = functools.partial(_xla_attention, dense=dense, block_size=block_size)
-        out = jax.lax.platform_dependent(*args, cpu=cpu, default=fused)
+        by_memory = functools.partial(_xla_attention, dense=dense, block_size=block_size)
+        out = jax.lax.platform_dependent(*args, tpu=fused, cuda=fused, default=by_memory)
     return jnp.moveaxis(out, 1, 3).astype(q.dtype)  # B, H, W, N, dv

@@ -75,6 +75,16 @@ def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
     return jnp.pad(x, pad)
 
 
+def _padded(q: jax.Array, k: jax.Array, v: jax.Array, *, depth: int, tokens: int):
+    """q, k, v ``[B, T, N, .]`` zero-padded to ``[B, tokens, N, depth]``, and the valid-token ids
+    ``[B, tokens]`` (1 for the T real tokens, 0 for padding), or None where nothing was padded."""
+    batch, real_tokens = q.shape[:2]
+    q, k, v = (_pad_axis(_pad_axis(x, 3, depth), 1, tokens) for x in (q, k, v))
+    if tokens == real_tokens:
+        return q, k, v, None
+    return q, k, v, jnp.broadcast_to((jnp.arange(tokens) < real_tokens).astype(jnp.int32), (batch, tokens))
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -88,19 +98,15 @@ def tpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """
     from jax.experimental.pallas.ops.tpu import flash_attention as tpu
 
-    batch, tokens, _, value_depth = v.shape
+    tokens, value_depth = v.shape[1], v.shape[3]
     depth = max(q.shape[-1], value_depth)
     depth = depth if depth <= 128 else _round_up(depth, 128)
-    padded = _round_up(tokens, _TPU_BLOCK)
-    block = _TPU_BLOCK
-    q, k, v = (_pad_axis(_pad_axis(x, 3, depth), 1, padded).swapaxes(1, 2) for x in (q, k, v))  # B, N, T, d
-    segment_ids = None
-    if padded != tokens:
-        valid = (jnp.arange(padded) < tokens).astype(jnp.int32)  # 1 for real tokens, 0 for padding
-        ids = jnp.broadcast_to(valid, (batch, padded))
-        segment_ids = tpu.SegmentIds(q=jnp.ones_like(ids), kv=ids)
+    q, k, v, valid = _padded(q, k, v, depth=depth, tokens=_round_up(tokens, _TPU_BLOCK))
+    q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))  # B, N, T, d
+    # Padded queries attend to the real keys (their rows are dropped); padded keys are masked.
+    segment_ids = None if valid is None else tpu.SegmentIds(q=jnp.ones_like(valid), kv=valid)
     sizes = [f.name for f in dataclasses.fields(tpu.BlockSizes) if f.name != "block_b"]
-    blocks = tpu.BlockSizes(block_b=1, **dict.fromkeys(sizes, block))
+    blocks = tpu.BlockSizes(block_b=1, **dict.fromkeys(sizes, _TPU_BLOCK))
     out = tpu.flash_attention(q, k, v, segment_ids=segment_ids, sm_scale=1.0, block_sizes=blocks)
     return out.swapaxes(1, 2)[:, :tokens, :, :value_depth]
 
@@ -133,18 +139,15 @@ def gpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: 
         warnings.simplefilter("ignore", DeprecationWarning)
         from jax.experimental.pallas.ops.gpu import attention as triton
 
-    batch, tokens, _, value_depth = v.shape
-    depth = _round_up(max(q.shape[-1], value_depth), 8)
-    if not interpret and q.dtype in _CUDNN_DTYPES and depth <= _cudnn_max_depth():
-        q, k, v = (_pad_axis(x, 3, depth) for x in (q, k, v))
+    tokens, value_depth = v.shape[1], v.shape[3]
+    depth = max(q.shape[-1], value_depth)
+    if not interpret and q.dtype in _CUDNN_DTYPES and _round_up(depth, 8) <= _cudnn_max_depth():
+        q, k, v, _ = _padded(q, k, v, depth=_round_up(depth, 8), tokens=tokens)
         out = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation="cudnn")
         return out[..., :value_depth]
-    depth = max(q.shape[-1], value_depth)
     padded = 1 << max(4, (tokens - 1).bit_length()) if tokens <= _GPU_BLOCK else _round_up(tokens, _GPU_BLOCK)
-    q, k, v = (_pad_axis(_pad_axis(x, 3, depth), 1, padded) for x in (q, k, v))
-    segment_ids = None
-    if padded != tokens:  # padded queries (id 0) attend to padded keys only; their rows are dropped
-        segment_ids = jnp.broadcast_to((jnp.arange(padded) < tokens).astype(jnp.int32), (batch, padded))
+    # Padded queries (id 0) attend to padded keys only; their rows are dropped.
+    q, k, v, segment_ids = _padded(q, k, v, depth=depth, tokens=padded)
     block = min(padded, _GPU_BLOCK)
     sizes = ("block_q", "block_k", "block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq")
     blocks = triton.BlockSizes(**dict.fromkeys(sizes, block))
