@@ -6,6 +6,7 @@
 #   4. python -m benchmarks.plot                                          -> results/attention-gpu.png + table
 #   5. python -m benchmarks.models --dtype bfloat16 --training_batch      -> results/models-gpu.json
 #   6. python -m train on the GPU for 3 minutes (bfloat16, digits), stopped by SIGTERM (saves, exits 0)
+#   7. python -m benchmarks.nnx (NNX vs linen train step, at most 4 minutes) -> results/nnx-gpu.json
 #
 # Usage, from the repository root:
 #   bash benchmarks/device.sh --fetch-wheels   # here (with PyPI): grain, ml-collections, tensorboardX
@@ -42,6 +43,7 @@ if [[ $mode == --dry-run ]]; then
   "$py" -m pytest -q -p no:cacheprovider tests/test_fused.py -k folded
   "$py" -m benchmarks.attention --quick --dtype bfloat16
   "$py" -m benchmarks.models --quick --dtype bfloat16
+  "$py" -m benchmarks.nnx --quick
   "$py" -m train --workdir "$(mktemp -d)" --config.num_train_steps=2 --config.eval_every_steps=2 \
     --config.dtype=bfloat16
   exit 0
@@ -69,6 +71,8 @@ workdir=$(mktemp -d)
 timeout -s TERM 180 "$py" -m train --workdir "$workdir" --config.dtype=bfloat16 --config.batch_size=512 \
   --config.num_train_steps=100000 --config.eval_every_steps=1000 --config.checkpoint_every_steps=1000 || true
 tail -n 3 "$workdir/metrics.jsonl"
+step "7. NNX vs linen train step"
+timeout 240 "$py" -m benchmarks.nnx || echo "NNX benchmark FAILED or timed out"
 if [[ -n ${OUT:-} ]]; then
   cp benchmarks/results/*-gpu.* "$OUT"/ && cp "$workdir/metrics.jsonl" "$OUT/train-gpu-metrics.jsonl"
 fi

@@ -105,3 +105,43 @@ def attention_weights_ref(q, k, rel_h=None, rel_w=None):
                     e = np.exp(logits - logits.max())
                     out[b, n, x, y] = e / e.sum()
     return out
+
+
+def conv1x1_ref(x, params):
+    return np.asarray(x, np.float64) @ np.asarray(params["kernel"][0, 0], np.float64) + params["bias"]
+
+
+def layer_self_attention_ref(x, params, dk, dv, heads, relative=True):
+    """SelfAttention2D from the paper: 1x1 qkv, split heads, attend per head, concat, 1x1 W^O."""
+    qkv = conv1x1_ref(x, params["qkv"])
+    q, k, v = qkv[..., :dk], qkv[..., dk : 2 * dk], qkv[..., 2 * dk :]
+    heads_out = []
+    for n in range(heads):  # one head at a time, all sharing the same tables
+        sl_k = slice(n * dk // heads, (n + 1) * dk // heads)
+        sl_v = slice(n * dv // heads, (n + 1) * dv // heads)
+        tables = (params["rel_h"], params["rel_w"]) if relative else (None, None)
+        out = self_attention_2d_ref(
+            q[..., None, sl_k],
+            k[..., None, sl_k],
+            v[..., None, sl_v],
+            *[None if t is None else np.asarray(t, np.float64) for t in tables],
+        )
+        heads_out.append(out[..., 0, :])
+    return conv1x1_ref(np.concatenate(heads_out, axis=-1), params["out"])
+
+
+def mean_pool_ref(x, window):
+    """Stride = window, SAME padding split as XLA does (half before, the rest after), means of the
+    pixels inside the map only; one output cell at a time."""
+    x = _f64(x)
+    B, H, W, C = x.shape
+    out_h, out_w = -(-H // window[0]), -(-W // window[1])
+    top = (out_h * window[0] - H) // 2
+    left = (out_w * window[1] - W) // 2
+    out = np.zeros((B, out_h, out_w, C))
+    for i in range(out_h):
+        for j in range(out_w):
+            rows = [r for r in range(i * window[0] - top, (i + 1) * window[0] - top) if 0 <= r < H]
+            cols = [c for c in range(j * window[1] - left, (j + 1) * window[1] - left) if 0 <= c < W]
+            out[:, i, j] = x[:, rows][:, :, cols].mean(axis=(1, 2))
+    return out, (top, left)

@@ -14,7 +14,7 @@ import pytest
 import aacn_jax as A
 from aacn_jax import functional as F
 from aacn_jax import models
-from tests.reference import attention_weights_ref, self_attention_2d_ref
+from tests.reference import attention_weights_ref, conv1x1_ref, self_attention_2d_ref
 
 
 def _normal(rng, shape):
@@ -105,10 +105,6 @@ def test_bad_arguments_raise_value_error(kwargs, message):
 # ----------------------------------------------------------------------------------------------
 
 
-def _conv1x1(x, params):
-    return np.asarray(x, np.float64) @ np.asarray(params["kernel"][0, 0], np.float64) + params["bias"]
-
-
 @pytest.mark.parametrize("position", ["relative", "none", "coordconv"])
 def test_layer_weights_reproduce_the_layer_output(position):
     dk, dv, heads = 8, 6, 2
@@ -124,7 +120,7 @@ def test_layer_weights_reproduce_the_layer_output(position):
         if position != "coordconv"
         else np.concatenate([x, np.broadcast_to(F.coordinate_channels(3, 4), (2, 3, 4, 2))], axis=-1)
     )
-    qkv = _conv1x1(layer_input, params["qkv"])
+    qkv = conv1x1_ref(layer_input, params["qkv"])
     q, k, v = (qkv[..., :dk], qkv[..., dk : 2 * dk], qkv[..., 2 * dk :])
     q, k = q.reshape(2, 3, 4, heads, dk // heads), k.reshape(2, 3, 4, heads, dk // heads)
     tables = (params["rel_h"], params["rel_w"]) if position == "relative" else (None, None)
@@ -132,7 +128,7 @@ def test_layer_weights_reproduce_the_layer_output(position):
     # weights @ v, heads concatenated, then W^O: the layer's output.
     v = v.reshape(2, 3, 4, heads, dv // heads)
     mixed = np.einsum("bnxyzw,bzwne->bxyne", np.asarray(weights, np.float64), v).reshape(2, 3, 4, dv)
-    np.testing.assert_allclose(y, _conv1x1(mixed, params["out"]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(y, conv1x1_ref(mixed, params["out"]), rtol=1e-4, atol=1e-5)
 
 
 def test_collection_is_opt_in_and_leaves_outputs_and_parameters_unchanged():

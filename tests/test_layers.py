@@ -7,7 +7,7 @@ import pytest
 
 import aacn_jax as A
 from aacn_jax import functional as F
-from tests.reference import self_attention_2d_ref
+from tests.reference import layer_self_attention_ref, mean_pool_ref
 
 
 def _normal(shape, seed=0):
@@ -16,29 +16,6 @@ def _normal(shape, seed=0):
 
 def _init(module, x, seed=0):
     return module.init(jax.random.key(seed), jnp.asarray(x))
-
-
-def _conv1x1_ref(x, params):
-    return np.asarray(x, np.float64) @ np.asarray(params["kernel"][0, 0], np.float64) + params["bias"]
-
-
-def _self_attention_ref(x, params, dk, dv, heads, relative=True):
-    """SelfAttention2D from the paper: 1x1 qkv, split heads, attend per head, concat, 1x1 W^O."""
-    qkv = _conv1x1_ref(x, params["qkv"])
-    q, k, v = qkv[..., :dk], qkv[..., dk : 2 * dk], qkv[..., 2 * dk :]
-    heads_out = []
-    for n in range(heads):  # one head at a time, all sharing the same tables
-        sl_k = slice(n * dk // heads, (n + 1) * dk // heads)
-        sl_v = slice(n * dv // heads, (n + 1) * dv // heads)
-        tables = (params["rel_h"], params["rel_w"]) if relative else (None, None)
-        out = self_attention_2d_ref(
-            q[..., None, sl_k],
-            k[..., None, sl_k],
-            v[..., None, sl_v],
-            *[None if t is None else np.asarray(t, np.float64) for t in tables],
-        )
-        heads_out.append(out[..., 0, :])
-    return _conv1x1_ref(np.concatenate(heads_out, axis=-1), params["out"])
 
 
 @pytest.mark.parametrize(
@@ -51,7 +28,7 @@ def test_self_attention_matches_reference(shape, dk, dv, heads, position):
     layer = A.SelfAttention2D(dk, dv, heads, position=position)
     variables = _init(layer, x)
     got = layer.apply(variables, x)
-    want = _self_attention_ref(x, variables["params"], dk, dv, heads, relative=position == "relative")
+    want = layer_self_attention_ref(x, variables["params"], dk, dv, heads, relative=position == "relative")
     assert got.shape == (*shape[:3], dv)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
@@ -131,7 +108,7 @@ def test_augmented_conv_is_concat_of_conv_and_attention_on_pooled_input():
     np.testing.assert_allclose(y[..., :6], conv, rtol=1e-5, atol=1e-5)
     # Attention branch, last dv channels: attention of the 2x2-average-pooled input.
     pooled = x.reshape(2, 3, 2, 2, 2, 3).mean(axis=(2, 4))
-    attention = _self_attention_ref(pooled, params["attention"], 4, 4, 2)
+    attention = layer_self_attention_ref(pooled, params["attention"], 4, 4, 2)
     np.testing.assert_allclose(y[..., 6:], attention, rtol=2e-5, atol=2e-5)
 
 
@@ -151,7 +128,7 @@ def test_smaller_input_uses_exact_centre_of_tables():
         "rel_h": params["rel_h"][8 - 4 : 8 + 4 - 1],
         "rel_w": params["rel_w"][6 - 3 : 6 + 3 - 1],
     }
-    want = _self_attention_ref(x, centre, 8, 4, 2)
+    want = layer_self_attention_ref(x, centre, 8, 4, 2)
     np.testing.assert_allclose(layer.apply(big, x), want, rtol=2e-5, atol=2e-5)
 
 
@@ -294,6 +271,22 @@ def test_gather_excite_global_and_local_extent():
     gathered = blocks.repeat(2, axis=1).repeat(2, axis=2)
     np.testing.assert_allclose(local, x / (1 + np.exp(-gathered)), rtol=1e-5)
     assert A.GatherExcite().init(jax.random.key(0), x) == {}
+
+
+@pytest.mark.parametrize(
+    ("size", "window"), [((7, 5), (3, 2)), ((6, 6), (4, 4)), ((5, 9), (2, 3)), ((3, 3), (1, 1))]
+)
+def test_mean_pool_and_local_gather_excite_at_any_size(size, window):
+    x = _normal((2, *size, 3))
+    pooled, (top, left) = mean_pool_ref(x, window)
+    np.testing.assert_allclose(F.mean_pool(jnp.asarray(x), window), pooled, rtol=1e-5, atol=1e-6)
+    if window[0] == window[1]:  # gather-excite: each pixel gated by the mean of its own cell
+        gathered = np.zeros_like(x)
+        for r in range(size[0]):
+            for c in range(size[1]):
+                gathered[:, r, c] = pooled[:, (r + top) // window[0], (c + left) // window[1]]
+        got = A.GatherExcite(extent=window[0]).apply({}, x)
+        np.testing.assert_allclose(got, x / (1 + np.exp(-gathered)), rtol=1e-5, atol=1e-6)
 
 
 def test_kernel_init_reaches_the_convolution_branch():

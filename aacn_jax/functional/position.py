@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["coordinate_channels", "sinusoidal_channels"]
+__all__ = ["coordinate_channels", "position_channel_count", "sinusoidal_channels", "with_position_channels"]
 
 
 def coordinate_channels(height: int, width: int) -> jax.Array:
@@ -43,3 +43,25 @@ def sinusoidal_channels(height: int, width: int, channels: int) -> jax.Array:
     rows = jnp.broadcast_to(encode(height)[:, None, :], (height, width, 2 * quarter))
     cols = jnp.broadcast_to(encode(width)[None, :, :], (height, width, 2 * quarter))
     return jnp.concatenate([rows, cols], axis=-1)
+
+
+def position_channel_count(position: str, sinusoidal_channels: int) -> int:
+    """How many channels :func:`with_position_channels` appends for ``position``."""
+    return {"coordconv": 2, "sinusoidal": sinusoidal_channels}.get(position, 0)
+
+
+def with_position_channels(x: jax.Array, position: str, channels: int) -> jax.Array:
+    """``[B, H, W, C] -> [B, H, W, C + position_channel_count(position, channels)]``.
+
+    ``"coordconv"`` appends :func:`coordinate_channels`, ``"sinusoidal"`` appends ``channels``
+    :func:`sinusoidal_channels`; any other position (``"relative"``, ``"none"``) returns x.
+    """
+    batch, height, width, _ = x.shape
+    if position == "coordconv":
+        extra = coordinate_channels(height, width)
+    elif position == "sinusoidal":
+        extra = sinusoidal_channels(height, width, channels)
+    else:
+        return x
+    extra = jnp.broadcast_to(extra.astype(x.dtype), (batch, height, width, extra.shape[-1]))
+    return jnp.concatenate([x, extra], axis=-1)

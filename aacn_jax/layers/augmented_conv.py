@@ -21,11 +21,12 @@ from aacn_jax.layers.self_attention import SelfAttention2D, check_attention_conf
 __all__ = ["AugmentedConv", "attention_depths"]
 
 
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or any(v < 1 for v in pair):
+def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """``value`` as ``(h, w)``; ValueError naming ``name`` unless a positive int or pair."""
+    result = (value, value) if isinstance(value, int) else tuple(value)
+    if len(result) != 2 or any(v < 1 for v in result):
         raise ValueError(f"{name}={value!r} must be a positive int or a pair of positive ints")
-    return pair
+    return result
 
 
 def attention_depths(
@@ -105,23 +106,19 @@ class AugmentedConv(nn.Module):
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        check_attention_config(self.dk, self.dv, self.num_heads, self.position)
-        if self.dv > self.features:
-            raise ValueError(f"dv={self.dv} must be <= features={self.features}")
-        _pair(self.kernel_size, "kernel_size")
-        _pair(self.strides, "strides")
+        check_augmented_config(self)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, C] -> [B, ceil(H / stride), ceil(W / stride), features]`` (SAME padding)."""
         check_image(x, "AugmentedConv")
-        strides = _pair(self.strides, "strides")
+        strides = pair(self.strides, "strides")
         branches = []
         if self.dv < self.features:
             conv = nn.Conv(
                 self.features - self.dv,
-                _pair(self.kernel_size, "kernel_size"),
+                pair(self.kernel_size, "kernel_size"),
                 strides=strides,
                 padding=self.padding,
                 use_bias=self.use_bias,
@@ -131,9 +128,6 @@ class AugmentedConv(nn.Module):
                 name="conv",
             )
             branches.append(conv(x))
-        pooled = x
-        if strides != (1, 1):
-            pooled = nn.avg_pool(x, strides, strides, padding="SAME", count_include_pad=False)
         attention = SelfAttention2D(
             self.dk,
             self.dv,
@@ -146,10 +140,34 @@ class AugmentedConv(nn.Module):
             param_dtype=self.param_dtype,
             name="attention",
         )
-        branches.append(attention(pooled))
-        if branches[0].shape[1:3] != branches[-1].shape[1:3]:
-            raise ValueError(
-                f"padding={self.padding!r} gives the convolution output {branches[0].shape[1:3]} but the "
-                f"attention output {branches[-1].shape[1:3]}; use padding='SAME'"
-            )
-        return jnp.concatenate(branches, axis=-1)
+        branches.append(attention(attention_input(x, strides)))
+        return concat_branches(branches, self.padding)
+
+
+def check_augmented_config(layer: Any) -> None:
+    """Raise ValueError naming the argument when an augmented convolution's fields disagree."""
+    check_attention_config(layer.dk, layer.dv, layer.num_heads, layer.position)
+    if layer.dv > layer.features:
+        raise ValueError(f"dv={layer.dv} must be <= features={layer.features}")
+    pair(layer.kernel_size, "kernel_size")
+    pair(layer.strides, "strides")
+
+
+def attention_input(x: jax.Array, strides: tuple[int, int]) -> jax.Array:
+    """The attention branch's input: x, mean-pooled to the output resolution when strided."""
+    return x if strides == (1, 1) else F.mean_pool(x, strides)
+
+
+def attention_size(input_size: Sequence[int], strides: tuple[int, int]) -> tuple[int, int]:
+    """The ``(H, W)`` the attention branch sees for an input of ``input_size``."""
+    return tuple(-(-size // stride) for size, stride in zip(input_size, strides, strict=True))
+
+
+def concat_branches(branches: list[jax.Array], padding: Any) -> jax.Array:
+    """``Concat[Conv(X), MHA(X)]`` along channels, or a ValueError when their sizes differ."""
+    if branches[0].shape[1:3] != branches[-1].shape[1:3]:
+        raise ValueError(
+            f"padding={padding!r} gives the convolution output {branches[0].shape[1:3]} but the "
+            f"attention output {branches[-1].shape[1:3]}; use padding='SAME'"
+        )
+    return jnp.concatenate(branches, axis=-1)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
+from aacn_jax import functional as F
 from aacn_jax.layers.self_attention import check_image
 
 __all__ = ["GatherExcite"]
@@ -20,8 +20,8 @@ class GatherExcite(nn.Module):
 
     Attributes:
       extent: None gathers over the whole map (global extent, the GE paper's strongest
-        parameter-free variant); an int e averages e x e windows with stride e and
-        nearest-neighbour upsamples back to the input size. The AA paper's GE baseline has the
+        parameter-free variant); an int e gives each pixel the mean of its e x e cell (see
+        :func:`aacn_jax.functional.gather_excite`). The AA paper's GE baseline has the
         same parameter count as the plain network, which points at this parameter-free form.
     """
 
@@ -36,11 +36,4 @@ class GatherExcite(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, C] -> [B, H, W, C]``."""
         check_image(x, "GatherExcite")
-        if self.extent is None:
-            gathered = jnp.mean(x, axis=(1, 2), keepdims=True)  # B, 1, 1, C
-        else:
-            window = (self.extent, self.extent)
-            gathered = nn.avg_pool(x, window, window, padding="SAME", count_include_pad=False)
-            gathered = jnp.repeat(jnp.repeat(gathered, self.extent, axis=1), self.extent, axis=2)
-            gathered = gathered[:, : x.shape[1], : x.shape[2]]  # B, H, W, C
-        return x * nn.sigmoid(gathered)
+        return F.gather_excite(x, self.extent)

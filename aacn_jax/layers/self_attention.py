@@ -7,6 +7,7 @@ section 3.1-3.2. The math lives in :mod:`aacn_jax.functional`; this module holds
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -99,43 +100,49 @@ class SelfAttention2D(nn.Module):
         table = self.param(name, nn.initializers.normal(stddev=depth**-0.5), shape, self.param_dtype)
         return F.resize_relative_table(table, length)
 
-    def _with_position_channels(self, x: jax.Array) -> jax.Array:
-        batch, height, width, _ = x.shape
-        if self.position == "coordconv":
-            channels = F.coordinate_channels(height, width)
-        elif self.position == "sinusoidal":
-            channels = F.sinusoidal_channels(height, width, self.sinusoidal_channels)
-        else:
-            return x
-        channels = jnp.broadcast_to(channels.astype(x.dtype), (batch, height, width, channels.shape[-1]))
-        return jnp.concatenate([x, channels], axis=-1)
-
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, C] -> [B, H, W, dv]``."""
         check_image(x, "SelfAttention2D")
-        batch, height, width, _ = x.shape
-        heads, dk, dv = self.num_heads, self.dk, self.dv
+        height, width = x.shape[1:3]
         conv = dict(kernel_size=(1, 1), dtype=self.dtype, param_dtype=self.param_dtype)
-        qkv = nn.Conv(2 * dk + dv, name="qkv", **conv)(self._with_position_channels(x))
-        q, k, v = jnp.split(qkv, [dk, 2 * dk], axis=-1)
-        q = q.reshape(batch, height, width, heads, dk // heads)  # B, H, W, N, dkh
-        k = k.reshape(batch, height, width, heads, dk // heads)  # B, H, W, N, dkh
-        v = v.reshape(batch, height, width, heads, dv // heads)  # B, H, W, N, dvh
+        x = F.with_position_channels(x, self.position, self.sinusoidal_channels)
+        qkv = nn.Conv(2 * self.dk + self.dv, name="qkv", **conv)(x)
         rel_h = rel_w = None
         if self.position == "relative":
-            rel_h = self._relative_table("rel_h", height).astype(q.dtype)
-            rel_w = self._relative_table("rel_w", width).astype(q.dtype)
+            rel_h, rel_w = self._relative_table("rel_h", height), self._relative_table("rel_w", width)
+        store = None
         if self.is_mutable_collection("attention_weights") and not self.is_initializing():
-            self.sow("attention_weights", "weights", F.attention_weights(q, k, rel_h, rel_w))
-        out = F.self_attention_2d(
-            q,
-            k,
-            v,
-            rel_h,
-            rel_w,
-            implementation=self.implementation,
-            memory_budget_bytes=self.memory_budget_bytes,
-        )  # B, H, W, N, dvh
-        out = out.reshape(batch, height, width, dv)  # heads concatenated: B, H, W, dv
-        return nn.Conv(dv, name="out", **conv)(out)
+            store = lambda weights: self.sow("attention_weights", "weights", weights)
+        return nn.Conv(self.dv, name="out", **conv)(attend(self, qkv, rel_h, rel_w, store))
+
+
+def attend(
+    layer: Any,
+    qkv: jax.Array,
+    rel_h: jax.Array | None,
+    rel_w: jax.Array | None,
+    store_weights: Callable[[jax.Array], Any] | None = None,
+) -> jax.Array:
+    """The heads of a 2-D self-attention layer (linen or NNX) between its two 1x1 convolutions.
+
+    ``qkv [B, H, W, 2*dk + dv]`` is split into heads, attended with the tables (resized to the
+    map, or None) by :func:`aacn_jax.functional.self_attention_2d` with the layer's
+    ``implementation`` and ``memory_budget_bytes``, and the heads concatenated: ``[B, H, W, dv]``.
+    ``store_weights``, if given, receives the softmax probabilities ``[B, N, H, W, H, W]``.
+    """
+    q, k, v = F.split_heads(qkv, layer.dk, layer.dv, layer.num_heads)  # B, H, W, N, dkh|dvh
+    if rel_h is not None:
+        rel_h, rel_w = rel_h.astype(q.dtype), rel_w.astype(q.dtype)
+    if store_weights is not None:
+        store_weights(F.attention_weights(q, k, rel_h, rel_w))
+    out = F.self_attention_2d(
+        q,
+        k,
+        v,
+        rel_h,
+        rel_w,
+        implementation=layer.implementation,
+        memory_budget_bytes=layer.memory_budget_bytes,
+    )  # B, H, W, N, dvh
+    return F.merge_heads(out)

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aacn_jax import functional as F
 from aacn_jax.layers.self_attention import check_image
 
 __all__ = ["SqueezeExcite"]
@@ -39,7 +40,5 @@ class SqueezeExcite(nn.Module):
         check_image(x, "SqueezeExcite")
         channels = x.shape[-1]
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        squeezed = jnp.mean(x, axis=(1, 2), keepdims=True)  # B, 1, 1, C
-        hidden = nn.relu(nn.Dense(max(1, channels // self.reduction), name="reduce", **dense)(squeezed))
-        gate = nn.sigmoid(nn.Dense(channels, name="expand", **dense)(hidden))
-        return x * gate.astype(x.dtype)
+        reduce = nn.Dense(max(1, channels // self.reduction), name="reduce", **dense)
+        return F.squeeze_excite(x, reduce, nn.Dense(channels, name="expand", **dense))

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+from flax import nnx
 
-__all__ = ["ModelEntry", "build", "create", "get_entry", "list_models", "register"]
+from aacn_jax.nnx.zoo import ZooModel
+
+__all__ = ["APIS", "ModelEntry", "build", "create", "get_entry", "list_models", "register"]
 
 IMAGENET_INPUT = (224, 224, 3)
 CIFAR_INPUT = (32, 32, 3)
@@ -73,17 +76,46 @@ def get_entry(name: str) -> ModelEntry:
     return _MODELS[name]
 
 
-def create(name: str, *, num_classes: int, **overrides: Any) -> nn.Module:
+APIS = ("linen", "nnx")
+
+
+def create(
+    name: str,
+    *,
+    num_classes: int,
+    api: str = "linen",
+    rngs: nnx.Rngs | None = None,
+    input_shape: Sequence[int] | None = None,
+    **overrides: Any,
+) -> nn.Module | ZooModel:
     """Build the registered model ``name`` with ``num_classes`` outputs.
 
     ``overrides`` replace the variant's defaults, e.g. ``dtype=jnp.bfloat16``,
     ``attention_position="none"``, ``kappa=0.3``, ``num_heads=4``; unknown override names raise
-    ValueError listing the accepted ones. The module's ``__call__(x, *, train)`` takes NHWC
-    float images and returns float32 logits; BatchNorm statistics live in ``batch_stats``.
+    ValueError listing the accepted ones.
+
+    ``api="linen"`` (default) returns the ``flax.linen`` module: ``__call__(x, *, train)`` takes
+    NHWC float images and returns float32 logits; BatchNorm statistics live in ``batch_stats``.
+    ``api="nnx"`` returns it as an initialised :class:`aacn_jax.nnx.ZooModel`; it needs
+    ``rngs`` (``nnx.Rngs``) and sizes the relative tables for ``input_shape`` ``(H, W, C)``
+    (default: the entry's ``input_shape``, e.g. 224x224x3 for the ImageNet models).
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r} must be a positive int")
-    return get_entry(name).factory(num_classes=num_classes, **overrides)
+    if api not in APIS:
+        raise ValueError(f"api={api!r} must be one of {APIS}")
+    entry = get_entry(name)
+    if api == "linen":
+        if rngs is not None or input_shape is not None:
+            raise ValueError("rngs and input_shape are for api='nnx'; a linen model gets both at init")
+        return entry.factory(num_classes=num_classes, **overrides)
+    if not isinstance(rngs, nnx.Rngs):
+        raise ValueError(f"api='nnx' needs rngs=nnx.Rngs(seed) to initialise the model, got rngs={rngs!r}")
+    shape = tuple(entry.input_shape if input_shape is None else input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"input_shape={input_shape!r} must be (H, W, C) of positive ints")
+    module = entry.factory(num_classes=num_classes, **overrides)
+    return ZooModel(module, input_shape=shape, rngs=rngs)
 
 
 def module_fields(module_cls: type[nn.Module]) -> list[str]:
