@@ -1,7 +1,10 @@
 """Test session setup: 4 simulated CPU devices and a persistent compilation cache, before JAX starts."""
 
+import fcntl
 import os
 import pathlib
+import subprocess
+import sys
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
@@ -9,7 +12,49 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
+import pytest
+
+from tests.train_helpers import REPO, subprocess_env
 
 _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".cache" / "jax"
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory):
+    """The default digits run, shortened to 200 steps and widened to 48 channels: a model the
+    default config does not build, so whatever uses this workdir must read its recorded config.
+
+    Trained once per test session: the first xdist worker to ask trains it under a file lock in
+    the directory the workers share, the others wait and reuse it. (xdist's ``loadgroup`` does
+    not keep a group on one worker with pytest 9, so grouping cannot be relied on.)"""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    path = shared / "trained_digits"
+    with open(shared / "trained_digits.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "done").exists():
+            _train_digits(path)
+            (path / "done").touch()
+    return path
+
+
+def _train_digits(path: pathlib.Path) -> None:
+    flags = [
+        "--config.num_train_steps=200",
+        "--config.eval_every_steps=1000",
+        "--config.checkpoint_every_steps=100",
+        "--config.model_overrides.width=48",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "train", "--workdir", str(path), *flags],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(1),
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Training (200 steps) aa_resnet_cifar on digits" in result.stdout and str(path) in result.stdout
+    print(result.stdout.splitlines()[-1])  # the run's own test accuracy, shown with pytest -s

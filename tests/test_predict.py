@@ -19,7 +19,6 @@ from tests.train_helpers import REPO, subprocess_env
 from train import input_pipeline, predict, run_record
 from train.configs import default
 
-pytestmark = pytest.mark.xdist_group("trained_digits")  # one worker trains the workdir once
 HELD_OUT = 50
 # Runs the artifact with the repository's packages made unimportable: JAX alone must do.
 ARTIFACT_RUNNER = """
@@ -46,21 +45,8 @@ def _run(args, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """The default digits run, shortened to 200 steps and widened to 48 channels: a model the
-    default config does not build, so whatever uses this workdir must read its recorded config."""
-    path = tmp_path_factory.mktemp("run") / "workdir"
-    flags = [
-        "--config.num_train_steps=200",
-        "--config.eval_every_steps=1000",
-        "--config.checkpoint_every_steps=100",
-        "--config.model_overrides.width=48",
-    ]
-    result = _run(["-m", "train", "--workdir", str(path), *flags])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Training (200 steps) aa_resnet_cifar on digits" in result.stdout and str(path) in result.stdout
-    print(result.stdout.splitlines()[-1])  # the run's own test accuracy, shown with pytest -s
-    return path
+def workdir(trained_digits):
+    return trained_digits
 
 
 @pytest.fixture(scope="module")

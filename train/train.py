@@ -261,7 +261,7 @@ def train_and_evaluate(
     """Train as ``config`` says, resuming from the latest checkpoint in ``workdir``; evaluate at the end.
 
     With ``eval_only``, evaluate the latest checkpoint without training. ``data`` replaces the data set
-    named by ``config.dataset`` (any :class:`input_pipeline.Dataset`). Returns the final state, or,
+    named by ``config.dataset`` (any :class:`train.input_pipeline.Dataset`). Returns the final state, or,
     when SIGTERM or SIGINT stopped the run early, the state of the checkpoint just saved (without
     the final evaluation). Every process runs this same function; only process 0 writes metrics and
     the progress bar.

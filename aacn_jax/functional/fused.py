@@ -14,11 +14,13 @@ without writing the ``(HW)^2`` logits, forward and backward. Gradients reach q a
 through the factors' einsums (O(HW (H + W)) work); the one-hot columns are constants.
 
 Kernels (all take and return ``[B, T, N, d]``, T = H*W tokens, the scale already applied):
+
 - :func:`tpu_flash_attention`: JAX's Pallas TPU flash-attention kernel
   (``jax.experimental.pallas.ops.tpu.flash_attention``).
 - :func:`gpu_flash_attention`: cuDNN's fused attention (``jax.nn.dot_product_attention``) for
   bfloat16/float16 where cuDNN is present and the depth fits, else JAX's Pallas GPU (Triton)
   flash-attention kernel (``jax.experimental.pallas.ops.gpu.attention``).
+
 Both kernels need equal query, key and value depths: the shallower are padded with zero columns.
 """
 

@@ -49,7 +49,7 @@ def load_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx
     """Set an NNX model's parameters (and BatchNorm statistics) from linen variables, in place.
 
     ``variables`` is what a linen ``init`` returns, or a checkpoint's restored tree: one entry
-    per collection of :data:`COLLECTIONS` that the model has, each with exactly the model's
+    per collection of ``COLLECTIONS`` (params, batch_stats) that the model has, each with exactly the model's
     names, shapes and dtypes. Anything else raises ValueError naming the first differences and
     nothing is changed. Returns ``model``.
     """
