@@ -7,8 +7,10 @@ Every numerical check compares against the brute-force float64 NumPy loops in
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,13 +133,6 @@ def test_rel_to_abs_index_pattern():
             assert out[i, j] == x[i, j - i + L - 1], (i, j)
 
 
-def test_rel_to_abs_under_jit():
-    rng = np.random.default_rng(101)
-    x = _normal(rng, (2, 5, 9))
-    out = jax.jit(F.rel_to_abs)(jnp.asarray(x))
-    np.testing.assert_array_equal(np.asarray(out, np.float64), rel_to_abs_ref(x))
-
-
 # ----------------------------------------------------------------------------
 # relative_logits
 # ----------------------------------------------------------------------------
@@ -191,14 +186,6 @@ def test_relative_logits_is_not_scaled():
     out = np.asarray(F.relative_logits(q, rel_h, rel_w))
     # q·rel_h = 4 for every entry; any d**-0.5 scaling would give 2.
     np.testing.assert_allclose(out, 4.0, rtol=0, atol=1e-6)
-
-
-def test_relative_logits_under_jit():
-    rng = np.random.default_rng(230)
-    q = _normal(rng, (2, 3, 4, 2, 3))
-    rel_h, rel_w = _rel(rng, 3, 4, 3)
-    out = jax.jit(F.relative_logits)(q, rel_h, rel_w)
-    _assert_close(out, relative_logits_ref(q, rel_h, rel_w))
 
 
 # ----------------------------------------------------------------------------
@@ -419,19 +406,31 @@ def test_large_logits_are_numerically_stable(impl):
 # ----------------------------------------------------------------------------
 
 
-def test_jit_matches_eager(impl):
-    rng = np.random.default_rng(500)
-    B, H, W, N, dk, dv = 2, 3, 4, 2, 3, 5
-    q, k, v = _qkv(rng, B, H, W, N, dk, dv)
-    rel_h, rel_w = _rel(rng, H, W, dk)
-    eager = _attn(impl, q, k, v, rel_h, rel_w)
-    jitted = jax.jit(F.self_attention_2d, static_argnames=("implementation",))(
-        q, k, v, rel_h, rel_w, implementation=impl
-    )
-    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-6, atol=1e-6)
-    jitted_norel = jax.jit(lambda a, b, c: _attn(impl, a, b, c))(q, k, v)
-    _assert_close(jitted_norel, self_attention_2d_ref(q, k, v))
-    _assert_close(jitted, self_attention_2d_ref(q, k, v, rel_h, rel_w))
+class JitAndEagerMatchTheReferences(chex.TestCase):
+    """Each public function once jitted and once eagerly (chex.variants), against the references."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_rel_to_abs(self):
+        x = _normal(np.random.default_rng(101), (2, 5, 9))
+        out = self.variant(F.rel_to_abs)(jnp.asarray(x))
+        np.testing.assert_array_equal(np.asarray(out, np.float64), rel_to_abs_ref(x))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_relative_logits(self):
+        rng = np.random.default_rng(230)
+        q = _normal(rng, (2, 3, 4, 2, 3))
+        rel_h, rel_w = _rel(rng, 3, 4, 3)
+        _assert_close(self.variant(F.relative_logits)(q, rel_h, rel_w), relative_logits_ref(q, rel_h, rel_w))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_self_attention_2d_every_implementation(self):
+        rng = np.random.default_rng(500)
+        q, k, v = _qkv(rng, 2, 3, 4, 2, 3, 5)
+        rel_h, rel_w = _rel(rng, 3, 4, 3)
+        for implementation in IMPLEMENTATIONS:
+            attend = self.variant(functools.partial(F.self_attention_2d, implementation=implementation))
+            _assert_close(attend(q, k, v, rel_h, rel_w), self_attention_2d_ref(q, k, v, rel_h, rel_w))
+            _assert_close(attend(q, k, v), self_attention_2d_ref(q, k, v))
 
 
 @pytest.mark.parametrize("use_rel", [False, True])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,5 +145,4 @@ def test_under_a_mesh_each_device_attends_to_its_images(implementation):
         specs = [PartitionSpec("data")] * 3 + [PartitionSpec()] * 2
         sharded = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs, strict=True)]
         got = value_and_grad(*sharded)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)

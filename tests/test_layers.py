@@ -1,5 +1,6 @@
 """Flax modules against NumPy forward passes written from the paper, plus shapes, counts and errors."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,7 +192,7 @@ def test_layer_under_jit_and_grad():
     variables = _init(layer, x)
     loss = lambda v: jnp.sum(layer.apply(v, x) ** 2)
     grads = jax.jit(jax.grad(loss))(variables)
-    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    chex.assert_tree_all_finite(grads)
     assert np.abs(np.asarray(grads["params"]["attention"]["rel_h"])).sum() > 0
 
 

@@ -7,6 +7,7 @@ images), so the module stays fast on a 2-core CPU.
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -169,9 +170,9 @@ def test_every_model_inits_and_runs_forward_and_backward_abstractly(name):
     )
     assert logits.shape == (2, entry.num_classes) and logits.dtype == jnp.float32
     assert loss.shape == ()
-    assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
-    assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+    chex.assert_trees_all_equal_shapes_and_dtypes(grads, variables["params"])
+    chex.assert_trees_all_equal_structs(updates["batch_stats"], variables["batch_stats"])
+    chex.assert_type(jax.tree.leaves(variables), jnp.float32)
 
 
 # Reduced versions (fewer blocks, narrower, tiny images) run for real. Together they cover both
@@ -216,7 +217,7 @@ def test_small_models_train_on_a_fixed_batch(name, overrides, shape):
 
     opt_state = tx.init(variables["params"])
     trained, opt_state, first_loss, grads = step(variables, opt_state)
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    chex.assert_tree_all_finite(grads)
     for _ in range(7):
         trained, opt_state, loss, _ = step(trained, opt_state)
     assert float(loss) < 0.7 * float(first_loss)
@@ -387,7 +388,7 @@ def test_bfloat16_compute_float32_params_and_logits():
     model = models.create("aa_resnet_cifar", num_classes=5, depth=8, dtype=jnp.bfloat16)
     x = _images((2, 8, 8, 3))
     variables = _small("aa_resnet_cifar", (("depth", 8),), (8, 8, 3))[1]
-    assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    chex.assert_type(jax.tree.leaves(variables), jnp.float32)
     forward = jax.jit(
         lambda v: model.apply(v, x, train=False, capture_intermediates=True, mutable=["intermediates"])
     )

@@ -1,5 +1,6 @@
 """NNX twins against the linen layers and the brute-force reference: outputs, gradients, maps, errors."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,12 +23,6 @@ def _perturbed(tree, seed):
     leaves, treedef = jax.tree.flatten(tree)
     noise = [0.1 * _normal(np.shape(leaf), seed + i) for i, leaf in enumerate(leaves)]
     return jax.tree.unflatten(treedef, [leaf + n for leaf, n in zip(leaves, noise, strict=True)])
-
-
-def _assert_trees_close(got, want, **tolerance):
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(g, w, **tolerance)
 
 
 # (linen layer, NNX layer, input shape [B, H, W, C] the layers are built for)
@@ -102,7 +97,7 @@ def test_converted_layers_give_equal_outputs_and_gradients(name, direction):
     y_linen, grads_linen = _value_and_grads_linen(linen_layer, variables, x)
     y_nnx, grads_nnx = _value_and_grads_nnx(model, x)
     np.testing.assert_allclose(y_nnx, y_linen, rtol=1e-6, atol=1e-6)
-    _assert_trees_close(grads_nnx, grads_linen, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(grads_nnx, grads_linen, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("size", [(3, 2), (5, 4), (8, 7)])
@@ -207,7 +202,7 @@ def test_loading_mismatched_variables_names_the_difference_and_changes_nothing()
         ann.load_linen_variables(model, no_tables)
     with pytest.raises(ValueError, match=r"unknown collection\(s\) \['cache'\]"):
         ann.load_linen_variables(model, {"params": before["params"], "cache": {}})
-    _assert_trees_close(ann.linen_variables(model), before, rtol=0, atol=0)
+    chex.assert_trees_all_equal(ann.linen_variables(model), before)
 
 
 def test_an_nnx_model_built_from_the_layers_trains_with_nnx_jit():
@@ -302,14 +297,14 @@ def test_zoo_model_in_nnx_equals_linen_in_training_and_inference(name, size, wei
     logits, grads, batch_stats = linen_step(model.linen_module, variables, x, labels)
     nnx_logits, nnx_grads = _nnx_step(model, x, labels)
     np.testing.assert_allclose(nnx_logits, logits, rtol=1e-5, atol=1e-5)
-    _assert_trees_close(nnx.to_pure_dict(nnx_grads)["bridged"], grads, rtol=1e-4, atol=1e-6)
-    _assert_trees_close(ann.linen_variables(model)["batch_stats"], batch_stats, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(nnx.to_pure_dict(nnx_grads)["bridged"], grads, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(ann.linen_variables(model)["batch_stats"], batch_stats, rtol=1e-5, atol=1e-6)
     model.eval()  # inference: running statistics, nothing updated
     after = ann.linen_variables(model)
     inference = jax.jit(model.linen_module.apply, static_argnames="train")(after, x, train=False)
     scale = float(np.abs(inference).max())  # perturbed weights and stale statistics: logits can be huge
     np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(model, x), inference, rtol=1e-5, atol=1e-5 * scale)
-    _assert_trees_close(ann.linen_variables(model), after, rtol=0, atol=0)
+    chex.assert_trees_all_equal(ann.linen_variables(model), after)
 
 
 def test_zoo_model_built_from_given_variables_without_initialising():
@@ -317,7 +312,7 @@ def test_zoo_model_built_from_given_variables_without_initialising():
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
     variables = _perturbed(dict(linen_model.init(jax.random.key(1), x, train=False)), seed=8)
     model = ann.ZooModel(linen_model, input_shape=(8, 8, 3), rngs=nnx.Rngs(0), variables=variables)
-    _assert_trees_close(ann.linen_variables(model), variables, rtol=0, atol=0)
+    chex.assert_trees_all_equal(ann.linen_variables(model), variables)
     model.eval()
     np.testing.assert_allclose(model(x), linen_model.apply(variables, x, train=False), rtol=1e-5, atol=1e-5)
     model.train()  # dropout draws concrete keys from rngs: two training calls differ

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -103,9 +104,7 @@ def test_load_reads_the_checkpoints_model_variables_only(workdir):
     assert set(variables) == {"params", "batch_stats"}
     saved = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "100" / "state")
     assert "opt_state" in saved  # the checkpoint has it; load leaves it out
-    for key in ("params", "batch_stats"):
-        for got, want in zip(jax.tree.leaves(variables[key]), jax.tree.leaves(saved[key]), strict=True):
-            np.testing.assert_array_equal(got, want)
+    chex.assert_trees_all_equal(variables, {key: saved[key] for key in ("params", "batch_stats")})
     latest = train.load(str(workdir))[1]
     assert not np.array_equal(jax.tree.leaves(latest["params"])[0], jax.tree.leaves(variables["params"])[0])
 

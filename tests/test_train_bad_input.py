@@ -9,6 +9,7 @@ import dataclasses
 import shutil
 import subprocess
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -186,7 +187,7 @@ def test_nonfinite_policy_skip_keeps_the_state_and_counts(tmp_path, capsys):
     state = run(tmp_path, config, data=data)
     assert int(state.step) == 4 and int(state.skipped_steps) == len(bad_steps)
     assert f"Skipped the updates of steps [{bad_steps[0]}]" in capsys.readouterr().out
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(helpers.flat_params(state.params)))
+    chex.assert_tree_all_finite(helpers.flat_params(state.params))
     saved = {}
     with checkpoint.create_manager(str(tmp_path / "workdir"), max_to_keep=10) as manager:
         for step in (1, 2):
@@ -197,7 +198,7 @@ def test_nonfinite_policy_skip_keeps_the_state_and_counts(tmp_path, capsys):
     before, after = saved[1], saved[2]
     assert int(after.step) == 2 and int(after.skipped_steps) == 1  # step 2 advanced past its batch ...
     for name in ("params", "opt_state", "batch_stats"):  # ... but changed nothing else
-        jax.tree.map(np.testing.assert_array_equal, getattr(before, name), getattr(after, name))
+        chex.assert_trees_all_equal(getattr(before, name), getattr(after, name))
     with pytest.raises(
         FloatingPointError, match=r"1 updates skipped .*max_skipped_steps=0\), the last at step 2"
     ):

@@ -29,14 +29,23 @@ import pickle
 import tarfile
 import urllib.request
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import IO, Any, Protocol
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 from PIL import Image
 
 Record = dict[str, Any]
+
+
+class RecordSource(Protocol):
+    """Random access to raw records: ``len(source)`` and ``source[i]`` (grain's data-source protocol)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Record: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +61,8 @@ class Dataset:
       class_names: the label names, where the data set has them (else empty).
     """
 
-    train: Sequence[Record]
-    test: Sequence[Record]
+    train: RecordSource
+    test: RecordSource
     num_classes: int
     image_shape: tuple[int, int, int]
     train_transform: Callable[[Record, np.random.Generator], Record]
@@ -80,7 +89,8 @@ class ArraySource:
 
 
 def normalize(record: Record, *, mean: Sequence[float], std: Sequence[float]) -> Record:
-    image = (np.asarray(record["image"], np.float32) - np.float32(mean)) / np.float32(std)
+    pixels = np.asarray(record["image"], np.float32)
+    image = (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return {"image": image, "label": np.int32(record["label"])}
 
 
@@ -89,7 +99,9 @@ def without_augmentation(record: Record, rng: np.random.Generator, *, transform:
     return transform(record)
 
 
-def pad_crop_flip(record: Record, rng: np.random.Generator, *, pad: int, mean, std) -> Record:
+def pad_crop_flip(
+    record: Record, rng: np.random.Generator, *, pad: int, mean: Sequence[float], std: Sequence[float]
+) -> Record:
     """Zero-pad by ``pad``, crop back to the original size at a random offset, flip with p = 0.5."""
     image = record["image"]
     height, width = image.shape[:2]
@@ -106,7 +118,9 @@ def _open_image(image: str | bytes) -> Image.Image:
     return Image.open(io.BytesIO(image) if isinstance(image, bytes) else image).convert("RGB")
 
 
-def random_resized_crop_flip(record: Record, rng: np.random.Generator, *, size: int, mean, std) -> Record:
+def random_resized_crop_flip(
+    record: Record, rng: np.random.Generator, *, size: int, mean: Sequence[float], std: Sequence[float]
+) -> Record:
     """Inception-style crop: area 8-100 % and aspect ratio 3/4-4/3 (10 tries, then the centre
     square), resized to ``size x size``, flipped with p = 0.5."""
     image = _open_image(record["image"])
@@ -123,20 +137,20 @@ def random_resized_crop_flip(record: Record, rng: np.random.Generator, *, size: 
     if box is None:
         side = min(width, height)
         box = ((width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2)
-    image = image.resize((size, size), Image.BICUBIC, box=box)
+    image = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
     if rng.random() < 0.5:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return normalize({"image": np.asarray(image), "label": record["label"]}, mean=mean, std=std)
 
 
-def resize_center_crop(record: Record, *, size: int, mean, std) -> Record:
+def resize_center_crop(record: Record, *, size: int, mean: Sequence[float], std: Sequence[float]) -> Record:
     """Shorter side resized to ``size / 0.875``, then the central ``size x size``."""
     image = _open_image(record["image"])
     width, height = image.size
     scale = size / 0.875 / min(width, height)
     width, height = max(size, round(width * scale)), max(size, round(height * scale))
     left, top = (width - size) // 2, (height - size) // 2
-    image = image.resize((width, height), Image.BICUBIC).crop((left, top, left + size, top + size))
+    image = image.resize((width, height), Image.Resampling.BICUBIC).crop((left, top, left + size, top + size))
     return normalize({"image": np.asarray(image), "label": record["label"]}, mean=mean, std=std)
 
 
@@ -168,7 +182,7 @@ def digits() -> Dataset:
     )
 
 
-CIFAR = {
+CIFAR: dict[str, dict[str, Any]] = {
     "cifar10": dict(
         url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
         md5="c58f30108f718f92721af3b95e74349a",
@@ -226,12 +240,20 @@ def fetch(data_dir: str, url: str, md5: str, *, download: bool) -> str:
     return path
 
 
+def _extract(tar: tarfile.TarFile, member: str) -> IO[bytes]:
+    """The file ``member`` of ``tar``; ValueError when it is not a regular file."""
+    file = tar.extractfile(member)
+    if file is None:
+        raise ValueError(f"{tar.name!r}: {member} is not a regular file")
+    return file
+
+
 def cifar(name: str, data_dir: str, *, download: bool) -> Dataset:
     spec = CIFAR[name]
     path = fetch(data_dir, spec["url"], spec["md5"], download=download)
 
     def load(tar: tarfile.TarFile, members: list[str]) -> ArraySource:
-        batches = [pickle.load(tar.extractfile(member), encoding="bytes") for member in members]
+        batches = [pickle.load(_extract(tar, member), encoding="bytes") for member in members]
         images = np.concatenate([batch[b"data"] for batch in batches]).reshape(-1, 3, 32, 32)
         labels = np.concatenate([batch[spec["label_key"]] for batch in batches]).astype(np.int32)
         return ArraySource(images.transpose(0, 2, 3, 1), labels)  # N, 32, 32, 3
@@ -240,17 +262,16 @@ def cifar(name: str, data_dir: str, *, download: bool) -> Dataset:
         member, key = spec["meta"]
         if member not in tar.getnames():  # the official tarballs have it
             return ()
-        return tuple(name.decode() for name in pickle.load(tar.extractfile(member), encoding="bytes")[key])
+        return tuple(name.decode() for name in pickle.load(_extract(tar, member), encoding="bytes")[key])
 
     with tarfile.open(path) as tar:
         train, test, names = load(tar, spec["train"]), load(tar, spec["test"]), class_names(tar)
-    stats = dict(mean=CIFAR_MEAN, std=CIFAR_STD)
     return Dataset(
         train,
         test,
         num_classes=spec["num_classes"],
         image_shape=(32, 32, 3),
-        train_transform=functools.partial(pad_crop_flip, pad=4, **stats),
+        train_transform=functools.partial(pad_crop_flip, pad=4, mean=CIFAR_MEAN, std=CIFAR_STD),
         test_transform=evaluation_transform(name, 32),
         class_names=names,
     )
@@ -279,7 +300,9 @@ IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 def imagenet(data_dir: str, *, image_size: int) -> Dataset:
     train_dir, val_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
-    classes = ()
+    classes: tuple[str, ...] = ()
+    train: RecordSource
+    test: RecordSource
     if os.path.isdir(train_dir):
         classes = tuple(sorted(entry.name for entry in os.scandir(train_dir) if entry.is_dir()))
         train, test = ImageFolderSource(train_dir, classes), ImageFolderSource(val_dir, classes)
@@ -298,7 +321,7 @@ def imagenet(data_dir: str, *, image_size: int) -> Dataset:
             for split in ("train", "validation")
         )
         num_classes = 1000
-    stats = dict(size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    stats: dict[str, Any] = dict(size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return Dataset(
         train,
         test,
@@ -310,7 +333,7 @@ def imagenet(data_dir: str, *, image_size: int) -> Dataset:
     )
 
 
-def create_dataset(config) -> Dataset:
+def create_dataset(config: ml_collections.ConfigDict) -> Dataset:
     """The data set named by ``config.dataset``."""
     data_dir = os.path.expanduser(config.data_dir)
     if config.dataset == "digits":
@@ -341,6 +364,7 @@ def picture_transform(dataset: str, image_size: int) -> Callable[[str], np.ndarr
     crop. Needs no records, so a trained model classifies pictures without its data set.
     """
     transform = evaluation_transform(dataset, image_size)
+    decode: Callable[[str], Any]
     if dataset == "digits":
         decode = functools.partial(_resized_picture, mode="L", size=8, scale=16 / 255)
     elif dataset in CIFAR:
@@ -353,8 +377,8 @@ def picture_transform(dataset: str, image_size: int) -> Callable[[str], np.ndarr
 def _resized_picture(path: str, *, mode: str, size: int, scale: float) -> np.ndarray:
     """``[size, size, C]`` uint8 in the data set's value range: ``round(pixel * scale)``."""
     with Image.open(path) as picture:
-        picture = picture.convert(mode).resize((size, size), Image.BILINEAR)
-    pixels = np.round(np.asarray(picture, np.float32) * scale).astype(np.uint8)
+        resized = picture.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+    pixels = np.round(np.asarray(resized, np.float32) * scale).astype(np.uint8)
     return pixels.reshape(size, size, -1)
 
 

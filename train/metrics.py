@@ -50,7 +50,7 @@ class MetricWriter:
     def __enter__(self) -> MetricWriter:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         if self.active:
             self._jsonl.close()
             self._tensorboard.close()

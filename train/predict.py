@@ -23,7 +23,9 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +48,7 @@ def prepare(workdir: str, paths: Sequence[str]) -> np.ndarray:
 
 
 def export_inference(
-    model, variables, image_shape: Sequence[int], batch: int, platform: str = "cpu"
+    model: nn.Module, variables: Any, image_shape: Sequence[int], batch: int, platform: str = "cpu"
 ) -> export.Exported:
     """``images [batch, *image_shape] -> logits [batch, classes]`` with the weights inside, for one
     platform."""
@@ -130,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         except RuntimeError as error:  # JAX 0.12 lowers the GPU Triton kernel only on a GPU machine
             _fail(f"--export_platform {args.export_platform}: {error}: export on a machine with one")
         artifact = exported.serialize()
-    probabilities = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False)))
+    probabilities = jax.jit(lambda v, x: jax.nn.softmax(jnp.asarray(model.apply(v, x, train=False))))
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
         padded = np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])

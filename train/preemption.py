@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
@@ -24,11 +25,11 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class StopRequests:
     """Context manager that turns SIGTERM and SIGINT into a request to stop after the current step."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signal_name: str | None = None  # the signal that asked to stop, once one did
-        self._previous_handlers = {}
+        self._previous_handlers: dict[int, Any] = {}
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: Any) -> None:
         del frame
         self.signal_name = signal.Signals(signum).name
         print(
@@ -44,7 +45,7 @@ class StopRequests:
             self._previous_handlers = {signum: signal.signal(signum, self._handle) for signum in SIGNALS}
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
 

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax.training import train_state
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from aacn_jax import models
@@ -32,7 +36,7 @@ class TrainState(train_state.TrainState):
     skipped_steps: jax.Array
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int):
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     """``config.model`` from the registry; ``config.dtype`` is the compute dtype (params stay float32)."""
     overrides = config.model_overrides.to_dict()
     return models.create(config.model, num_classes=num_classes, dtype=jnp.dtype(config.dtype), **overrides)
@@ -76,7 +80,9 @@ def create_optimizer(
     )
 
 
-def create_state(rng: jax.Array, *, model, tx: optax.GradientTransformation, image_shape) -> TrainState:
+def create_state(
+    rng: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation, image_shape: Sequence[int]
+) -> TrainState:
     variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     return TrainState.create(
         apply_fn=model.apply,
@@ -110,7 +116,7 @@ def train_step(
     (the step counter still advances past the batch) and counts itself in ``skipped_steps``.
     """
 
-    def loss_fn(params):
+    def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
         variables = {"params": params, "batch_stats": state.batch_stats}
         logits, updates = state.apply_fn(
             variables,
@@ -156,7 +162,9 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.A
     }
 
 
-def evaluate(state: TrainState, *, p_eval_step, batches, mesh) -> dict[str, float]:
+def evaluate(
+    state: TrainState, *, p_eval_step: Callable[..., Any], batches: Iterable[Any], mesh: Mesh
+) -> dict[str, float]:
     """Means of :func:`eval_step`'s sums over ``batches`` (an iterable of per-process batches)."""
     sums = jax.device_get([p_eval_step(state, sharding.global_batch(batch, mesh)) for batch in batches])
     totals = {name: np.sum([s[name] for s in sums]) for name in sums[0]}
@@ -164,7 +172,13 @@ def evaluate(state: TrainState, *, p_eval_step, batches, mesh) -> dict[str, floa
     return {name: float(total / count) for name, total in totals.items()}
 
 
-def summarize(history: list[dict[str, jax.Array]], last_step: int, *, config, manager) -> dict[str, float]:
+def summarize(
+    history: list[dict[str, jax.Array]],
+    last_step: int,
+    *,
+    config: ml_collections.ConfigDict,
+    manager: ocp.CheckpointManager,
+) -> dict[str, float]:
     """Means over the finite steps of the per-step metrics of steps ``last_step - len(history) + 1 ..
     last_step``, and ``skipped_steps``, the run's total of skipped updates.
 
@@ -202,7 +216,17 @@ def summarize(history: list[dict[str, jax.Array]], last_step: int, *, config, ma
 
 
 def train_loop(
-    config, state, train_iter, p_train_step, evaluate_fn, *, num_steps, mesh, manager, writer, stop
+    config: ml_collections.ConfigDict,
+    state: TrainState,
+    train_iter: Iterator[Any],
+    p_train_step: Callable[..., Any],
+    evaluate_fn: Callable[[TrainState], dict[str, float]],
+    *,
+    num_steps: int,
+    mesh: Mesh,
+    manager: ocp.CheckpointManager,
+    writer: metrics.MetricWriter,
+    stop: preemption.StopRequests,
 ) -> TrainState:
     """Steps ``state.step + 1 .. num_steps``: log, checkpoint and evaluate at the configured intervals.
 
@@ -281,7 +305,14 @@ def train_and_evaluate(
         return _train_and_evaluate_on(mesh, config, workdir, eval_only, data, start_time)
 
 
-def _train_and_evaluate_on(mesh, config, workdir, eval_only, data, start_time) -> TrainState:
+def _train_and_evaluate_on(
+    mesh: Mesh,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    eval_only: bool,
+    data: input_pipeline.Dataset | None,
+    start_time: float,
+) -> TrainState:
     """:func:`train_and_evaluate` once the mesh is made."""
     data = data or input_pipeline.create_dataset(config)
     input_pipeline.check_dataset(data)

@@ -31,6 +31,8 @@ their matmuls read q, k, v and the softmax weights as laid out, with no transpos
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,9 +61,11 @@ DEFAULT_MEMORY_BUDGET_BYTES = 32 * 2**20  # dense logits allowed by implementati
 DEFAULT_BLOCK_BYTES = 8 * 2**20  # logits of one block when block_size=None
 _FUSED_VALUE_DEPTH = 8  # per-head value depth up to which _value_products avoids a matmul
 _F32 = jnp.float32
+Array = jax.Array
+Table = jax.Array | None  # a relative table, or None for content-only attention
 
 
-def _check_args(q, k, v, rel_h, rel_w) -> None:
+def _check_args(q: Array, k: Array, v: Array, rel_h: Table, rel_w: Table) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 5:
             raise ValueError(f"{name} must be 5-D [B, H, W, heads, depth], got {name}.shape={x.shape}")
@@ -71,11 +75,11 @@ def _check_args(q, k, v, rel_h, rel_w) -> None:
         raise ValueError(f"v must match q in [B, H, W, heads], got v.shape={v.shape}, q.shape={q.shape}")
     if (rel_h is None) != (rel_w is None):
         raise ValueError("rel_h and rel_w must be given together (both or neither)")
-    if rel_h is not None:
+    if rel_h is not None and rel_w is not None:
         check_tables(q, rel_h, rel_w)
 
 
-def _block_logits(q, k, table_h, table_w):
+def _block_logits(q: Array, k: Array, table_h: Table, table_w: Table) -> Array:
     """Logits ``[B, N, R*W, H*W]`` (float32) of R query rows ``q [B, N, R, W, d]`` against all keys.
 
     ``k [B, N, H*W, d]``; ``table_h [R, H, d]`` are the query rows' absolute r^H entries,
@@ -84,14 +88,14 @@ def _block_logits(q, k, table_h, table_w):
     batch, heads, rows, width, depth = q.shape
     queries = q.reshape(batch, heads, rows * width, depth)
     logits = jnp.einsum("bnqd,bntd->bnqt", queries, k, preferred_element_type=_F32)
-    if table_h is None:
+    if table_h is None or table_w is None:
         return logits
     logits_h, logits_w = heads_first_logit_factors(q, table_h, table_w)  # B,N,R,W,H and B,N,R,W,W
     logits = logits.reshape(*logits_h.shape, width) + logits_h[..., :, None] + logits_w[..., None, :]
     return logits.reshape(*queries.shape[:-1], -1)
 
 
-def _value_products(d_out, v):
+def _value_products(d_out: Array, v: Array) -> Array:
     """``d_out[q] . v[t]`` for every query q and key t: ``[B, N, Q, T]`` float32.
 
     Attention augmentation's values are shallow per head (the paper's dv / Nh is 1-8): there a sum
@@ -101,10 +105,12 @@ def _value_products(d_out, v):
     if v.shape[-1] > _FUSED_VALUE_DEPTH:
         return jnp.einsum("bnqe,bnte->bnqt", d_out, v, preferred_element_type=_F32)
     d_out, v = d_out.astype(_F32), v.astype(_F32)
-    return sum(d_out[..., :, None, e] * v[..., None, :, e] for e in range(v.shape[-1]))
+    return functools.reduce(
+        jnp.add, (d_out[..., :, None, e] * v[..., None, :, e] for e in range(v.shape[-1]))
+    )
 
 
-def _forward_block(q, k, v, table_h, table_w):
+def _forward_block(q: Array, k: Array, v: Array, table_h: Table, table_w: Table) -> tuple[Array, Array]:
     """Output ``[B, N, R*W, dv]`` (float32) and log-sum-exp ``[B, N, R*W]`` of rows ``q [B, N, R, W, d]``."""
     logits = _block_logits(q, k, table_h, table_w)
     if table_h is not None:
@@ -119,7 +125,9 @@ def _forward_block(q, k, v, table_h, table_w):
     return out / total[..., None], peak[..., 0] + jnp.log(total)  # normalise the small output
 
 
-def _backward_block(q, k, v, table_h, table_w, d_out, delta, lse):
+def _backward_block(
+    q: Array, k: Array, v: Array, table_h: Table, table_w: Table, d_out: Array, delta: Array, lse: Array
+) -> tuple[Array, Array, Array, Table, Table]:
     """Gradients of rows ``q [B, N, R, W, d]``: dq and this block's dk^T, dv^T, d table_h, d table_w.
 
     ``d_out [B, N, R*W, dv]``; ``delta [B, N, R*W]`` is ``sum(d_out * out)`` per query, ``lse`` the
@@ -136,7 +144,7 @@ def _backward_block(q, k, v, table_h, table_w, d_out, delta, lse):
     queries = q.reshape(batch, heads, rows * width, depth).astype(_F32)
     d_k_t = jnp.einsum("bnqd,bnqt->bndt", queries, d_logits)
     d_v_t = jnp.einsum("bnqe,bnqt->bnet", d_out.astype(_F32), weights)
-    if table_h is None:
+    if table_h is None or table_w is None:
         return d_q, d_k_t, d_v_t, None, None
     d_logits = d_logits.reshape(batch, heads, rows, width, table_h.shape[1], width)  # B, N, R, W, H, W
     d_h = jnp.sum(d_logits, axis=-1)  # B, N, R, W, H
@@ -150,7 +158,7 @@ def _backward_block(q, k, v, table_h, table_w, d_out, delta, lse):
     return d_q, d_k_t, d_v_t, d_table_h, d_table_w
 
 
-def _to_blocks(x, block_size, axis):
+def _to_blocks(x: Array, block_size: int, axis: int) -> Array:
     """Pad ``axis`` to a multiple of ``block_size`` and move the blocks to a new leading axis."""
     pad = -x.shape[axis] % block_size
     x = jnp.pad(x, [(0, pad if i == axis else 0) for i in range(x.ndim)])
@@ -158,14 +166,14 @@ def _to_blocks(x, block_size, axis):
     return jnp.moveaxis(x, axis, 0)
 
 
-def _from_blocks(x, axis, length):
+def _from_blocks(x: Array, axis: int, length: int) -> Array:
     """Inverse of :func:`_to_blocks`: merge the leading block axis back into ``axis``, unpadded."""
     x = jnp.moveaxis(x, 0, axis)
     x = x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
     return jax.lax.slice_in_dim(x, 0, length, axis=axis)
 
 
-def _dense(q, k, v, table_h, table_w):
+def _dense(q: Array, k: Array, v: Array, table_h: Table, table_w: Table) -> Array:
     """All ``[B, N, HW, HW]`` logits at once, differentiated by JAX. Output ``[B, N, H, W, dv]``."""
     weights = jax.nn.softmax(_block_logits(q, k, table_h, table_w), axis=-1).astype(v.dtype)
     out = jnp.einsum("bnqt,bnte->bnqe", weights, v, preferred_element_type=_F32)
@@ -173,16 +181,18 @@ def _dense(q, k, v, table_h, table_w):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, table_h, table_w, block_size):
+def _attention(q: Array, k: Array, v: Array, table_h: Table, table_w: Table, block_size: int) -> Array:
     return _attention_fwd(q, k, v, table_h, table_w, block_size)[0]
 
 
-def _attention_fwd(q, k, v, table_h, table_w, block_size):
+def _attention_fwd(
+    q: Array, k: Array, v: Array, table_h: Table, table_w: Table, block_size: int
+) -> tuple[Array, tuple[Any, ...]]:
     """Blockwise attention of ``q [B, N, H, W, d]``, ``k [B, N, HW, d]``, ``v [B, N, HW, dv]``."""
     height, width = q.shape[2:4]
     blocks = (_to_blocks(q, block_size, 2), None if table_h is None else _to_blocks(table_h, block_size, 0))
 
-    def step(_, xs):
+    def step(_: None, xs: tuple[Array, Table]) -> tuple[None, tuple[Array, Array]]:
         q_block, table_h_block = xs
         return None, _forward_block(q_block, k, v, table_h_block, table_w)
 
@@ -192,7 +202,7 @@ def _attention_fwd(q, k, v, table_h, table_w, block_size):
     return out, (q, k, v, table_h, table_w, out, lse)
 
 
-def _attention_bwd(block_size, residuals, d_out):
+def _attention_bwd(block_size: int, residuals: tuple[Any, ...], d_out: Array) -> tuple[Any, ...]:
     q, k, v, table_h, table_w, out, lse = residuals
     batch, heads, height = q.shape[:3]
     delta = jnp.einsum("bnxye,bnxye->bnxy", d_out, out, preferred_element_type=_F32)
@@ -204,7 +214,7 @@ def _attention_bwd(block_size, residuals, d_out):
         lse,
     )
 
-    def step(carry, xs):
+    def step(carry: Any, xs: tuple[Any, ...]) -> tuple[Any, Any]:
         q_block, table_h_block, d_out_block, delta_block, lse_block = xs
         d_out_block = d_out_block.reshape(batch, heads, -1, d_out_block.shape[-1])
         delta_block = delta_block.reshape(batch, heads, -1)
@@ -232,20 +242,22 @@ def _attention_bwd(block_size, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def dense_logits_bytes(q_shape) -> int:
+def dense_logits_bytes(q_shape: Sequence[int]) -> int:
     """Bytes of the float32 ``[B, N, HW, HW]`` logits of the dense path."""
     batch, height, width, heads, _ = q_shape
     return 4 * batch * heads * (height * width) ** 2
 
 
-def _heads_first(q, k, v):
+def _heads_first(q: Array, k: Array, v: Array) -> tuple[Array, Array, Array]:
     """``[B, H, W, N, d]`` -> q ``[B, N, H, W, d]``, k and v ``[B, N, H*W, d]``."""
     batch, height, width, heads, _ = q.shape
     keys, values = (jnp.moveaxis(x, 3, 1).reshape(batch, heads, height * width, -1) for x in (k, v))
     return jnp.moveaxis(q, 3, 1), keys, values
 
 
-def _xla_attention(q, k, v, table_h, table_w, *, dense, block_size):
+def _xla_attention(
+    q: Array, k: Array, v: Array, table_h: Table, table_w: Table, *, dense: bool, block_size: int | None
+) -> Array:
     """The dense or blockwise path on scaled ``[B, H, W, N, d]`` inputs; ``[B, N, H, W, dv]`` out."""
     queries, keys, values = _heads_first(q, k, v)
     if dense:
@@ -256,9 +268,11 @@ def _xla_attention(q, k, v, table_h, table_w, *, dense, block_size):
     return _attention(queries, keys, values, table_h, table_w, min(block_size, q.shape[1]))
 
 
-def _fused_attention(q, k, v, table_h, table_w, *, block_size):
+def _fused_attention(
+    q: Array, k: Array, v: Array, table_h: Table, table_w: Table, *, block_size: int | None
+) -> Array:
     """Relative logits folded into q and k, then plain flash attention chosen per platform."""
-    if table_h is not None:
+    if table_h is not None and table_w is not None:
         q, k = fold_relative_logits(q, k, table_h, table_w)
     heads_first = lambda kernel: lambda *qkv: jnp.moveaxis(on_tokens(kernel)(*qkv), 3, 1)
     xla = functools.partial(_xla_attention, table_h=None, table_w=None, dense=False, block_size=block_size)
@@ -267,7 +281,7 @@ def _fused_attention(q, k, v, table_h, table_w, *, block_size):
     return _per_device(attend, q, k, v)
 
 
-def _per_device(attend, *arrays):
+def _per_device(attend: Callable[..., Array], *arrays: Array) -> Array:
     """``attend(*arrays)`` on each device's share of the batch when a mesh is set (``jax.set_mesh``).
 
     XLA cannot partition a Pallas kernel across devices ("Mosaic kernels cannot be automatically
@@ -326,7 +340,7 @@ def self_attention_2d(
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     v = v.astype(q.dtype)
     table_h = table_w = None
-    if rel_h is not None:
+    if rel_h is not None and rel_w is not None:
         table_h, table_w = absolute_table(rel_h).astype(q.dtype), absolute_table(rel_w).astype(q.dtype)
     args = (q, k, v, table_h, table_w)
     fused = functools.partial(_fused_attention, block_size=block_size)

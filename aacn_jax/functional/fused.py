@@ -77,7 +77,9 @@ def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
     return jnp.pad(x, pad)
 
 
-def _padded(q: jax.Array, k: jax.Array, v: jax.Array, *, depth: int, tokens: int):
+def _padded(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, depth: int, tokens: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """q, k, v ``[B, T, N, .]`` zero-padded to ``[B, tokens, N, depth]``, and the valid-token ids
     ``[B, tokens]`` (1 for the T real tokens, 0 for padding), or None where nothing was padded."""
     batch, real_tokens = q.shape[:2]

@@ -39,7 +39,7 @@ def attention_weights(
     batch, height, width, heads, depth = q.shape
     q = q * jnp.asarray(depth**-0.5, q.dtype)
     logits = jnp.einsum("bxynd,bzwnd->bnxyzw", q, k, preferred_element_type=jnp.float32)  # B, N, H, W, H, W
-    if rel_h is not None:
+    if rel_h is not None and rel_w is not None:
         logits = logits + relative_logits(q, rel_h.astype(q.dtype), rel_w.astype(q.dtype))
     flat = logits.reshape(batch, heads, height, width, height * width)  # B, N, H, W, HW
     return jax.nn.softmax(flat, axis=-1).reshape(logits.shape)

@@ -105,7 +105,7 @@ class AugmentedConv(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_augmented_config(self)
         super().__post_init__()
 
@@ -160,7 +160,8 @@ def attention_input(x: jax.Array, strides: tuple[int, int]) -> jax.Array:
 
 def attention_size(input_size: Sequence[int], strides: tuple[int, int]) -> tuple[int, int]:
     """The ``(H, W)`` the attention branch sees for an input of ``input_size``."""
-    return tuple(-(-size // stride) for size, stride in zip(input_size, strides, strict=True))
+    (height, width), (stride_h, stride_w) = input_size, strides
+    return -(-height // stride_h), -(-width // stride_w)
 
 
 def concat_branches(branches: list[jax.Array], padding: Any) -> jax.Array:

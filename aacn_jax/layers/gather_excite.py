@@ -27,7 +27,7 @@ class GatherExcite(nn.Module):
 
     extent: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.extent is not None and self.extent < 1:
             raise ValueError(f"extent={self.extent} must be >= 1 or None (global)")
         super().__post_init__()

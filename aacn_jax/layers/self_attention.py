@@ -88,7 +88,7 @@ class SelfAttention2D(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_attention_config(self.dk, self.dv, self.num_heads, self.position)
         super().__post_init__()
 
@@ -132,7 +132,7 @@ def attend(
     ``store_weights``, if given, receives the softmax probabilities ``[B, N, H, W, H, W]``.
     """
     q, k, v = F.split_heads(qkv, layer.dk, layer.dv, layer.num_heads)  # B, H, W, N, dkh|dvh
-    if rel_h is not None:
+    if rel_h is not None and rel_w is not None:
         rel_h, rel_w = rel_h.astype(q.dtype), rel_w.astype(q.dtype)
     if store_weights is not None:
         store_weights(F.attention_weights(q, k, rel_h, rel_w))

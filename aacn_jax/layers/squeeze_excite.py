@@ -29,7 +29,7 @@ class SqueezeExcite(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.reduction < 1:
             raise ValueError(f"reduction={self.reduction} must be >= 1")
         super().__post_init__()

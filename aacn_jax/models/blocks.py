@@ -58,7 +58,7 @@ class Augmentation:
     position: str = "relative"
     implementation: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.position not in POSITIONS:
             raise ValueError(f"attention_position={self.position!r} must be one of {POSITIONS}")
         if self.implementation not in (None, *IMPLEMENTATIONS):

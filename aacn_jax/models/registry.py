@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, TypeVar, overload
 
 import flax.linen as nn
 from flax import nnx
@@ -56,7 +56,7 @@ def register(
     def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODELS:
             raise ValueError(f"model name={name!r} is already registered")
-        _MODELS[name] = ModelEntry(name, factory, tuple(input_shape), num_classes)
+        _MODELS[name] = ModelEntry(name, factory, image_shape(input_shape), num_classes)
         return factory
 
     return decorator
@@ -77,6 +77,30 @@ def get_entry(name: str) -> ModelEntry:
 
 
 APIS = ("linen", "nnx")
+
+
+@overload
+def create(
+    name: str,
+    *,
+    num_classes: int,
+    api: Literal["linen"] = "linen",
+    rngs: None = None,
+    input_shape: None = None,
+    **overrides: Any,
+) -> nn.Module: ...
+
+
+@overload
+def create(
+    name: str,
+    *,
+    num_classes: int,
+    api: Literal["nnx"],
+    rngs: nnx.Rngs,
+    input_shape: Sequence[int] | None = None,
+    **overrides: Any,
+) -> ZooModel: ...
 
 
 def create(
@@ -111,11 +135,17 @@ def create(
         return entry.factory(num_classes=num_classes, **overrides)
     if not isinstance(rngs, nnx.Rngs):
         raise ValueError(f"api='nnx' needs rngs=nnx.Rngs(seed) to initialise the model, got rngs={rngs!r}")
-    shape = tuple(entry.input_shape if input_shape is None else input_shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"input_shape={input_shape!r} must be (H, W, C) of positive ints")
+    shape = entry.input_shape if input_shape is None else image_shape(input_shape)
     module = entry.factory(num_classes=num_classes, **overrides)
     return ZooModel(module, input_shape=shape, rngs=rngs)
+
+
+def image_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    """``shape`` as ``(H, W, C)``; ValueError unless three positive ints."""
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"input_shape={shape!r} must be (H, W, C) of positive ints")
+    height, width, channels = shape
+    return height, width, channels
 
 
 def module_fields(module_cls: type[nn.Module]) -> list[str]:
@@ -123,13 +153,16 @@ def module_fields(module_cls: type[nn.Module]) -> list[str]:
     return [f.name for f in dataclasses.fields(module_cls) if f.init and f.name not in ("parent", "name")]
 
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
 def build(
-    module_cls: type[nn.Module],
+    module_cls: type[ModuleT],
     defaults: Mapping[str, Any],
     overrides: Mapping[str, Any],
     *,
     extra_keys: Iterable[str] = (),
-) -> nn.Module:
+) -> ModuleT:
     """``module_cls(**{**defaults, **overrides})`` after checking every override name.
 
     Args:

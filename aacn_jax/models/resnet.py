@@ -199,7 +199,7 @@ class ResNet(nn.Module):
     zero_init_residual: bool = True
     dtype: Any = jnp.float32
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.block not in BLOCKS:
             raise ValueError(f"block={self.block!r} must be one of {tuple(BLOCKS)}")
         if self.stem not in STEMS:
@@ -230,7 +230,7 @@ class ResNet(nn.Module):
         """
         kw = dict(parent=None) if detached else {}
         augmented_convs = BLOCKS[self.block] if self.augmented_convs is None else tuple(self.augmented_convs)
-        layers = [Stem(self.stem, self.width, dtype=self.dtype, name="stem", **kw)]
+        layers: list[nn.Module] = [Stem(self.stem, self.width, dtype=self.dtype, name="stem", **kw)]
         for i, num_blocks in enumerate(self.stage_sizes):
             stage = i + 1
             layers.append(

@@ -10,13 +10,14 @@ percent below the usual nominal ones (ResNet-50: 8.00 vs 8.2 GFLOPs; ResNet-34: 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aacn_jax.models.registry import create, get_entry
+from aacn_jax.models.registry import create, get_entry, image_shape
 
 __all__ = ["ModelSummary", "StageSummary", "count_params", "summary", "xla_flops"]
 
@@ -26,7 +27,7 @@ def count_params(tree: Any) -> int:
     return sum(int(leaf.size) for leaf in jax.tree.leaves(tree))
 
 
-def xla_flops(fn, *args) -> float:
+def xla_flops(fn: Callable[..., Any], *args: Any) -> float:
     """FLOPs of ``jax.jit(fn)(*args)`` by XLA's cost analysis of the compiled program.
 
     ``args`` may be abstract (``jax.ShapeDtypeStruct``). Loops (``lax.map``, ``scan``) are counted
@@ -95,7 +96,7 @@ def _slice(variables: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 def summary(
     name: str,
-    input_shape: tuple[int, int, int] | None = None,
+    input_shape: Sequence[int] | None = None,
     *,
     num_classes: int | None = None,
     flops: bool = True,
@@ -120,9 +121,7 @@ def summary(
       A :class:`ModelSummary`; ``print`` it for a table.
     """
     entry = get_entry(name)
-    input_shape = tuple(entry.input_shape if input_shape is None else input_shape)
-    if len(input_shape) != 3:
-        raise ValueError(f"input_shape={input_shape!r} must be (H, W, C) of one image")
+    input_shape = entry.input_shape if input_shape is None else image_shape(input_shape)
     num_classes = entry.num_classes if num_classes is None else num_classes
     if flops:
         overrides.setdefault("attention_implementation", "dense")
@@ -130,7 +129,7 @@ def summary(
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
 
-    def forward(module):
+    def forward(module: nn.Module) -> Callable[[Any, Any], Any]:
         return lambda variables, x: module.apply(variables, x, train=False)
 
     stages = []

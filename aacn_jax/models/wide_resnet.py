@@ -149,7 +149,7 @@ class WideResNet(nn.Module):
     se_reduction: int = 16
     dtype: Any = jnp.float32
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.depth, int) or self.depth < 10 or (self.depth - 4) % 6:
             raise ValueError(f"depth={self.depth!r} must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...)")
         if self.widen_factor < 1:
@@ -171,7 +171,7 @@ class WideResNet(nn.Module):
         """
         kw = dict(parent=None) if detached else {}
         num_blocks = (self.depth - 4) // 6
-        layers = [WideStem(16, dtype=self.dtype, name="stem", **kw)]
+        layers: list[nn.Module] = [WideStem(16, dtype=self.dtype, name="stem", **kw)]
         for i in range(3):
             stage = i + 1
             layers.append(

@@ -57,6 +57,8 @@ class SelfAttention2D(nnx.Module):
     variable ``attention_weights``.
     """
 
+    attention_weights: AttentionWeights  # set by a call with sow_weights, removed by its reader
+
     def __init__(
         self,
         in_features: int,
