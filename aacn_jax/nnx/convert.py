@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
@@ -49,9 +50,9 @@ def load_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx
     """Set an NNX model's parameters (and BatchNorm statistics) from linen variables, in place.
 
     ``variables`` is what a linen ``init`` returns, or a checkpoint's restored tree: one entry
-    per collection of ``COLLECTIONS`` (params, batch_stats) that the model has, each with exactly the model's
-    names, shapes and dtypes. Anything else raises ValueError naming the first differences and
-    nothing is changed. Returns ``model``.
+    per collection of ``COLLECTIONS`` (params, batch_stats) that the model has, each with exactly
+    the model's names, shapes and dtypes. Anything else raises ValueError naming the first
+    differences, and nothing is changed. Returns ``model``.
     """
     unknown = sorted(set(variables) - set(COLLECTIONS))
     if unknown:
@@ -71,7 +72,7 @@ def load_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx
                 f"{' ...' if len(extra) > 3 else ''}"
             )
         for path, value in got.items():
-            have, given = want[path], jax.ShapeDtypeStruct(np.shape(value), jax.numpy.result_type(value))
+            have, given = want[path], jax.ShapeDtypeStruct(np.shape(value), jnp.result_type(value))
             if (given.shape, given.dtype) != (have.shape, have.dtype):
                 raise ValueError(
                     f"{collection}/{_describe(path)} is {given.dtype.name}{list(given.shape)} in the linen "
