@@ -15,6 +15,12 @@ from aacn_jax.layers.self_attention import check_image
 __all__ = ["GatherExcite"]
 
 
+def check_extent(extent: int | None) -> None:
+    """Raise ValueError unless ``extent`` is None (global) or a positive int."""
+    if extent is not None and extent < 1:
+        raise ValueError(f"extent={extent} must be >= 1 or None (global)")
+
+
 class GatherExcite(nn.Module):
     """``x * sigmoid(gather(x))`` where gather averages over a spatial extent; no parameters.
 
@@ -28,8 +34,7 @@ class GatherExcite(nn.Module):
     extent: int | None = None
 
     def __post_init__(self) -> None:
-        if self.extent is not None and self.extent < 1:
-            raise ValueError(f"extent={self.extent} must be >= 1 or None (global)")
+        check_extent(self.extent)
         super().__post_init__()
 
     @nn.compact

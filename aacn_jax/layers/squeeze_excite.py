@@ -17,6 +17,12 @@ from aacn_jax.layers.self_attention import check_image
 __all__ = ["SqueezeExcite"]
 
 
+def check_reduction(reduction: int) -> None:
+    """Raise ValueError unless the SE ratio is a positive int."""
+    if reduction < 1:
+        raise ValueError(f"reduction={reduction} must be >= 1")
+
+
 class SqueezeExcite(nn.Module):
     """``x * sigmoid(W2 relu(W1 mean_hw(x)))`` with a bottleneck of ``C // reduction`` units (at least 1).
 
@@ -30,8 +36,7 @@ class SqueezeExcite(nn.Module):
     param_dtype: Any = jnp.float32
 
     def __post_init__(self) -> None:
-        if self.reduction < 1:
-            raise ValueError(f"reduction={self.reduction} must be >= 1")
+        check_reduction(self.reduction)
         super().__post_init__()
 
     @nn.compact

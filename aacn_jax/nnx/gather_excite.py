@@ -10,6 +10,7 @@ import jax
 from flax import nnx
 
 from aacn_jax import functional as F
+from aacn_jax.layers.gather_excite import check_extent
 from aacn_jax.layers.self_attention import check_image
 
 __all__ = ["GatherExcite"]
@@ -20,8 +21,7 @@ class GatherExcite(nnx.Module):
     cells (see :func:`aacn_jax.functional.gather_excite`). No parameters."""
 
     def __init__(self, extent: int | None = None):
-        if extent is not None and extent < 1:
-            raise ValueError(f"extent={extent} must be >= 1 or None (global)")
+        check_extent(extent)
         self.extent = extent
 
     def __call__(self, x: jax.Array) -> jax.Array:

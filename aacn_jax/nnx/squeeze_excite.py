@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from aacn_jax import functional as F
+from aacn_jax.layers.squeeze_excite import check_reduction
 from aacn_jax.nnx.self_attention import check_channels
 
 __all__ = ["SqueezeExcite"]
@@ -37,8 +38,7 @@ class SqueezeExcite(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if reduction < 1:
-            raise ValueError(f"reduction={reduction} must be >= 1")
+        check_reduction(reduction)
         self.in_features = in_features
         hidden = max(1, in_features // reduction)
         dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
