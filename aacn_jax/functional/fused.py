@@ -30,13 +30,20 @@ import dataclasses
 import functools
 import warnings
 from collections.abc import Callable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
 from aacn_jax.functional.relative import relative_logit_factors
 
-__all__ = ["fold_relative_logits", "gpu_flash_attention", "on_tokens", "tpu_flash_attention"]
+__all__ = [
+    "cudnn_attention",
+    "fold_relative_logits",
+    "gpu_flash_attention",
+    "on_tokens",
+    "tpu_flash_attention",
+]
 
 _TPU_BLOCK = 128  # the TPU kernel's blocks: its backward pass needs multiples of 128 tokens
 _GPU_BLOCK = 128  # Triton's query/key blocks (JAX's default); maps up to 128 tokens use one block
@@ -131,13 +138,37 @@ def _cudnn_max_depth() -> int:
     return 256 if major >= 9 else 128  # cuDNN 9: 256 from Hopper on, 128 before
 
 
+def cudnn_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: Literal["cudnn", "xla"] = "cudnn"
+) -> jax.Array:
+    """cuDNN's fused attention ``[B, T, N, d], [B, T, N, d], [B, T, N, e] -> [B, T, N, e]``, any T.
+
+    Depths are zero-padded to one multiple of 8. cuDNN's training kernels refuse an odd token
+    count (JAX 0.11 on an H200: "Unsupported sequence length Q 49, KV 49"), so an odd T gets one
+    padding token, shut out of every softmax by one extra depth column: 1 in each query, 0 in the
+    real keys, -30000 in the padding key (its weight ``exp(-30000 - max)`` is exactly 0).
+    ``implementation="xla"`` runs the same padding through XLA (tests on a CPU).
+    """
+    tokens, value_depth = v.shape[1], v.shape[3]
+    if tokens % 2:
+        column = jnp.ones((*q.shape[:3], 1), q.dtype)
+        q = _pad_axis(jnp.concatenate([q, column], axis=-1), 1, tokens + 1)
+        k = _pad_axis(jnp.concatenate([k, jnp.zeros_like(column)], axis=-1), 1, tokens + 1)
+        k = k.at[:, tokens, :, -1].set(-30000)
+    depth = _round_up(max(q.shape[-1], value_depth), 8)
+    q, k, v, _ = _padded(q, k, v, depth=depth, tokens=q.shape[1])
+    out = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=implementation)
+    return out[:, :tokens, :, :value_depth]
+
+
 def gpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False) -> jax.Array:
     """Softmax attention ``[B, T, N, d], [B, T, N, d], [B, T, N, e] -> [B, T, N, e]`` on an NVIDIA GPU.
 
-    cuDNN (depth padded to a multiple of 8) for bfloat16/float16 when this process has a CUDA GPU
-    with cuDNN and the depth fits; otherwise the Pallas Triton kernel, whose blocks need the
-    tokens padded to a power of two up to 128 or a multiple of 128 beyond (masked by segment
-    ids). ``interpret`` runs the Triton kernel in Pallas' interpreter (tests on a CPU).
+    :func:`cudnn_attention` for bfloat16/float16 when this process has a CUDA GPU with cuDNN and
+    the depth fits; float32 through the Pallas Triton kernel, whose blocks need the tokens padded
+    to a power of two up to 128 or a multiple of 128 beyond (masked by segment ids); float64
+    (no kernel takes it) through XLA. ``interpret`` runs the Triton kernel in Pallas' interpreter
+    (tests on a CPU).
     """
     with warnings.catch_warnings():  # JAX 0.12 deprecates it for tokamax, not a dependency here
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -145,14 +176,16 @@ def gpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: 
 
     tokens, value_depth = v.shape[1], v.shape[3]
     depth = max(q.shape[-1], value_depth)
-    if not interpret and q.dtype in _CUDNN_DTYPES and _round_up(depth, 8) <= _cudnn_max_depth():
-        q, k, v, _ = _padded(q, k, v, depth=_round_up(depth, 8), tokens=tokens)
-        out = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation="cudnn")
-        return out[..., :value_depth]
+    if not interpret and q.dtype in _CUDNN_DTYPES and _round_up(depth + 1, 8) <= _cudnn_max_depth():
+        return cudnn_attention(q, k, v)
+    if q.dtype not in (jnp.float32, *_CUDNN_DTYPES):  # float64: no flash kernel takes it
+        q, k, v, _ = _padded(q, k, v, depth=depth, tokens=tokens)
+        return jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation="xla")[..., :value_depth]
     padded = 1 << max(4, (tokens - 1).bit_length()) if tokens <= _GPU_BLOCK else _round_up(tokens, _GPU_BLOCK)
     # Padded queries (id 0) attend to padded keys only; their rows are dropped.
     q, k, v, segment_ids = _padded(q, k, v, depth=depth, tokens=padded)
-    block = min(padded, _GPU_BLOCK)
+    # float32 blocks of 128 x 128 overflow an H200's shared memory at depth 84 (measured): 64.
+    block = min(padded, _GPU_BLOCK if q.dtype != jnp.float32 else _GPU_BLOCK // 2)
     sizes = ("block_q", "block_k", "block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq")
     blocks = triton.BlockSizes(**dict.fromkeys(sizes, block))
     out = triton.mha(q, k, v, segment_ids, sm_scale=1.0, block_sizes=blocks, interpret=interpret)
