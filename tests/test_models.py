@@ -104,11 +104,32 @@ def test_unknown_override_names_the_key_and_the_accepted_ones():
         ("aa_resnet34", dict(num_heads=256), "num_heads=256"),
         ("resnet50", dict(excite="cbam"), "excite='cbam'"),
         ("resnet50", dict(stem="vit"), "stem='vit'"),
+        ("resnet_cifar", dict(stage_widths=(16, 32)), r"stage_widths=\(16, 32\).*3 stages"),
+        ("resnet_cifar", dict(stage_widths=(16, 0, 64)), "stage_widths"),
     ],
 )
 def test_bad_override_values_raise_at_create(name, overrides, message):
     with pytest.raises(ValueError, match=message):
         models.create(name, num_classes=10, **overrides)
+
+
+def test_stage_widths_set_the_channels_of_each_stage():
+    """Every convolution of stage i has stage_widths[i] outputs (augmented ones: conv + attention)."""
+    module = models.create(
+        "aa_resnet_cifar", num_classes=2, depth=8, stage_widths=(12, 36, 68), augmented_stages=(3,)
+    )
+    init = lambda: module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
+    params = traverse_util.flatten_dict(jax.eval_shape(init)["params"])
+    flat = {k[:-1]: v.shape for k, v in params.items() if k[-1] == "kernel"}
+    assert flat[("stem", "conv")] == (3, 3, 3, 16)  # the stem keeps ``width``
+    assert flat[("stage1", "block1", "conv2")] == (3, 3, 12, 12)
+    assert flat[("stage2", "block1", "conv2")] == (3, 3, 36, 36)
+    conv, out = (
+        flat[("stage3", "block1", "conv1", "conv")],
+        flat[("stage3", "block1", "conv1", "attention", "out")],
+    )
+    assert conv[:3] == (3, 3, 36) and conv[3] + out[3] == 68
+    assert flat[("head", "fc")] == (68, 2)
 
 
 def test_num_classes_must_be_positive():

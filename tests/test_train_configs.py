@@ -22,6 +22,7 @@ RECIPES = {
     "imagenet_resnet50": "resnet50",
     "imagenet_aa_resnet50": "aa_resnet50",
     "imagenet_se_resnet50": "se_resnet50",
+    "same_different": "resnet_cifar",
 }
 
 

@@ -1,7 +1,10 @@
-"""Input pipelines with grain (no TensorFlow): digits, CIFAR-10/100 and ImageNet.
+"""Input pipelines with grain (no TensorFlow): digits, same_different, CIFAR-10/100 and ImageNet.
 
 * ``digits``: scikit-learn's bundled 8x8 grey digits (1797 images, 10 classes); a fixed stratified
   split gives 1437 training and 360 test images. No augmentation.
+* ``same_different``: synthetic 16x16 RGB images of two far-apart glyphs, labelled "same" or
+  "different" (``train/same_different.py``, a relational task); 4000 training images (seed 0) and
+  2000 test images (seed 1), generated in memory. Training augmentation: random horizontal flip.
 * ``cifar10`` / ``cifar100``: the official python tarballs in ``config.data_dir``, downloaded there
   (md5-checked) when absent and ``config.download`` is set. Training augmentation: zero-pad 4,
   random 32x32 crop, random horizontal flip.
@@ -36,6 +39,8 @@ import jax
 import ml_collections
 import numpy as np
 from PIL import Image
+
+from train import same_different as same_different_images
 
 Record = dict[str, Any]
 
@@ -97,6 +102,14 @@ def normalize(record: Record, *, mean: Sequence[float], std: Sequence[float]) ->
 def without_augmentation(record: Record, rng: np.random.Generator, *, transform: Callable) -> Record:
     del rng
     return transform(record)
+
+
+def flip_normalize(
+    record: Record, rng: np.random.Generator, *, mean: Sequence[float], std: Sequence[float]
+) -> Record:
+    """Flip left-right with p = 0.5, then normalise."""
+    image = record["image"][:, ::-1] if rng.random() < 0.5 else record["image"]
+    return normalize({"image": image, "label": record["label"]}, mean=mean, std=std)
 
 
 def pad_crop_flip(
@@ -182,6 +195,35 @@ def digits() -> Dataset:
     )
 
 
+SAME_DIFFERENT_SIZE, SAME_DIFFERENT_TRAIN, SAME_DIFFERENT_TEST = 16, 4000, 2000
+# Per-channel mean and standard deviation of every pixel of the training split
+# (same_different.generate(4000, seed=0), 0..255 scale), computed once with float64 numpy;
+# tests/test_same_different.py recomputes them.
+SAME_DIFFERENT_MEAN, SAME_DIFFERENT_STD = (31.07, 31.05, 31.08), (43.53, 43.44, 43.52)
+
+
+def same_different() -> Dataset:
+    """The synthetic relational data set of ``train/same_different.py``: label 1 ("same") when the
+    image's two glyphs are the same pattern.
+
+    Training augmentation: a random horizontal flip. Flipping the whole image mirrors both glyphs
+    alike, so same stays same and different stays different, and the glyph set is closed under
+    mirroring, so a flipped image is an image of the data set itself (twice the distinct training
+    images at no cost). Crops are left out: they could cut a glyph in half near the border.
+    """
+    train = same_different_images.generate(SAME_DIFFERENT_TRAIN, seed=0, size=SAME_DIFFERENT_SIZE)
+    test = same_different_images.generate(SAME_DIFFERENT_TEST, seed=1, size=SAME_DIFFERENT_SIZE)
+    return Dataset(
+        ArraySource(train.images, train.labels),
+        ArraySource(test.images, test.labels),
+        num_classes=2,
+        image_shape=(SAME_DIFFERENT_SIZE, SAME_DIFFERENT_SIZE, 3),
+        train_transform=functools.partial(flip_normalize, mean=SAME_DIFFERENT_MEAN, std=SAME_DIFFERENT_STD),
+        test_transform=evaluation_transform("same_different", SAME_DIFFERENT_SIZE),
+        class_names=("different", "same"),
+    )
+
+
 CIFAR: dict[str, dict[str, Any]] = {
     "cifar10": dict(
         url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -203,7 +245,7 @@ CIFAR: dict[str, dict[str, Any]] = {
     ),
 }
 CIFAR_MEAN, CIFAR_STD = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)
-DATASETS = ("digits", *CIFAR, "imagenet")
+DATASETS = ("digits", "same_different", *CIFAR, "imagenet")
 
 
 def _md5(path: str) -> str:
@@ -338,6 +380,8 @@ def create_dataset(config: ml_collections.ConfigDict) -> Dataset:
     data_dir = os.path.expanduser(config.data_dir)
     if config.dataset == "digits":
         return digits()
+    if config.dataset == "same_different":
+        return same_different()
     if config.dataset in CIFAR:
         return cifar(config.dataset, data_dir, download=config.download)
     if config.dataset == "imagenet":
@@ -349,6 +393,8 @@ def evaluation_transform(dataset: str, image_size: int) -> Callable[[Record], Re
     """The test transform of a data set, known from its name alone (no records needed)."""
     if dataset == "digits":
         return functools.partial(normalize, mean=DIGITS_MEAN, std=DIGITS_STD)
+    if dataset == "same_different":
+        return functools.partial(normalize, mean=SAME_DIFFERENT_MEAN, std=SAME_DIFFERENT_STD)
     if dataset in CIFAR:
         return functools.partial(normalize, mean=CIFAR_MEAN, std=CIFAR_STD)
     if dataset == "imagenet":
@@ -360,8 +406,9 @@ def picture_transform(dataset: str, image_size: int) -> Callable[[str], np.ndarr
     """``image file -> model input`` as the data set's test transform prepares its images.
 
     Any PNG or JPEG: ``digits`` takes it as grey, resized to 8x8 and scaled to the data set's
-    0..16 range; CIFAR as RGB resized to 32x32; ImageNet through the evaluation resize and centre
-    crop. Needs no records, so a trained model classifies pictures without its data set.
+    0..16 range; CIFAR as RGB resized to 32x32; ``same_different`` as RGB resized to 16x16;
+    ImageNet through the evaluation resize and centre crop. Needs no records, so a trained model
+    classifies pictures without its data set.
     """
     transform = evaluation_transform(dataset, image_size)
     decode: Callable[[str], Any]
@@ -369,6 +416,8 @@ def picture_transform(dataset: str, image_size: int) -> Callable[[str], np.ndarr
         decode = functools.partial(_resized_picture, mode="L", size=8, scale=16 / 255)
     elif dataset in CIFAR:
         decode = functools.partial(_resized_picture, mode="RGB", size=32, scale=1.0)
+    elif dataset == "same_different":
+        decode = functools.partial(_resized_picture, mode="RGB", size=SAME_DIFFERENT_SIZE, scale=1.0)
     else:
         decode = str  # ImageNet's transform opens the file itself
     return lambda path: transform({"image": decode(path), "label": 0})["image"]

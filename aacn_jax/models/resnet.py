@@ -146,8 +146,9 @@ class Stage(nn.Module):
 class ResNet(nn.Module):
     """A post-activation ResNet; every registered ResNet variant is this module with other data.
 
-    Stage ``i`` (1-based) has ``stage_sizes[i-1]`` blocks of ``width * 2**(i-1)`` base channels
-    (x4 output channels for bottlenecks); stage 1 has stride 1, the others stride 2. Parameters
+    Stage ``i`` (1-based) has ``stage_sizes[i-1]`` blocks of ``width * 2**(i-1)`` (or
+    ``stage_widths[i-1]``) base channels (x4 output channels for bottlenecks); stage 1 has stride 1,
+    the others stride 2. Parameters
     are named ``stem``, ``stage1`` ... ``stageN`` (blocks ``block1`` ...), ``head``.
 
     Attention augmentation (paper section 3.3): in the stages listed in ``augmented_stages``,
@@ -163,6 +164,8 @@ class ResNet(nn.Module):
       block: ``"basic"`` or ``"bottleneck"``.
       num_classes: logits.
       width: channels of the stem and of stage 1.
+      stage_widths: base channels of each stage (before a bottleneck's x4); None: ``width * 2**i``.
+        For fine parameter matching between twins (e.g. ``python -m benchmarks.claims``).
       stem: ``"imagenet"`` (7x7/2 conv + 3x3/2 max pool, for 224x224) or ``"cifar"`` (3x3 conv;
         works down to 8x8 inputs).
       augmented_stages: 1-based stage numbers whose blocks are augmented; ``()`` = plain ResNet.
@@ -185,6 +188,7 @@ class ResNet(nn.Module):
     block: str = "bottleneck"
     num_classes: int = 1000
     width: int = 64
+    stage_widths: Sequence[int] | None = None
     stem: str = "imagenet"
     augmented_stages: Sequence[int] = ()
     augmented_convs: Sequence[str] | None = None
@@ -210,6 +214,14 @@ class ResNet(nn.Module):
             )
         if self.width < 1:
             raise ValueError(f"width={self.width} must be >= 1")
+        if self.stage_widths is not None and (
+            len(self.stage_widths) != len(self.stage_sizes)
+            or any(not isinstance(w, int) or w < 1 for w in self.stage_widths)
+        ):
+            raise ValueError(
+                f"stage_widths={self.stage_widths!r} must hold one positive int per stage "
+                f"({len(self.stage_sizes)} stages)"
+            )
         check_common(self, len(self.stage_sizes))
         if self.augmented_convs is not None and not set(self.augmented_convs) <= set(BLOCKS[self.block]):
             raise ValueError(
@@ -218,8 +230,15 @@ class ResNet(nn.Module):
             )
         augmentation = Augmentation.of(self)  # validates the attention fields
         for stage in self.augmented_stages:  # validates kappa, upsilon, num_heads against the widths
-            augmentation.depths(self.width * 2 ** (stage - 1))
+            augmentation.depths(self.widths[stage - 1])
         super().__post_init__()
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Base channels of each stage."""
+        if self.stage_widths is not None:
+            return tuple(self.stage_widths)
+        return tuple(self.width * 2**i for i in range(len(self.stage_sizes)))
 
     def components(self, *, detached: bool = False) -> list[nn.Module]:
         """The stem, the stages and the head, in the order ``__call__`` chains them.
@@ -236,7 +255,7 @@ class ResNet(nn.Module):
             layers.append(
                 Stage(
                     self.block,
-                    self.width * 2**i,
+                    self.widths[i],
                     num_blocks,
                     1 if i == 0 else 2,
                     augmentation=Augmentation.of(self) if stage in self.augmented_stages else None,

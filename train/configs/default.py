@@ -17,8 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # Data (train/input_pipeline.py).
-    config.dataset = "digits"  # digits | cifar10 | cifar100 | imagenet
-    config.data_dir = "data"  # CIFAR tarballs / ImageNet tree or TFDS directory; unused for digits
+    config.dataset = "digits"  # digits | same_different | cifar10 | cifar100 | imagenet
+    config.data_dir = "data"  # CIFAR tarballs / ImageNet tree or TFDS directory; unused for the others
     config.download = True  # fetch missing CIFAR tarballs (md5-checked)
     config.image_size = 224  # ImageNet crop size; the other data sets have fixed sizes
     config.data_workers = 0  # grain worker processes (0: threads in the training process)
