@@ -44,13 +44,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 
 from aacn_jax import models
 from benchmarks import measure
+
+if TYPE_CHECKING:
+    import ml_collections
 
 CHANCE = 0.5
 POOLED_DETECTOR_BOUND = 0.643  # train.same_different: best rule of pooled local detectors (K = 8)
@@ -120,22 +123,31 @@ def matched_overrides(twin: Twin, target: int) -> dict[str, Any]:
     return dict(twin.overrides, stage_widths=min(candidates, key=preference))
 
 
-def train_twin(twin: Twin, overrides: dict[str, Any], seed: int, steps: int, workdir: pathlib.Path) -> dict:
-    """One run through ``train.train_and_evaluate`` (or its finished record): final test top-1."""
+def twin_config(twin: Twin, overrides: dict[str, Any], seed: int, steps: int) -> ml_collections.ConfigDict:
+    """The config of one run: ``train/configs/same_different.py`` with the twin's model at ``BASE``
+    plus ``overrides`` (the twin's, as :func:`matched_overrides` returns them), ``seed`` and
+    ``steps`` steps, evaluated, checkpointed and logged once, at the end."""
     import ml_collections
 
-    from train import train as training
     from train.configs import same_different
 
-    record = workdir / "claims_run.json"
-    if record.exists():
-        return json.loads(record.read_text())
     config = same_different.get_config()
     config.model = twin.model
     config.model_overrides = ml_collections.ConfigDict(dict(BASE, **overrides))
     config.seed = seed
     config.num_train_steps = steps
     config.eval_every_steps = config.checkpoint_every_steps = config.log_every_steps = steps
+    return config
+
+
+def train_twin(twin: Twin, overrides: dict[str, Any], seed: int, steps: int, workdir: pathlib.Path) -> dict:
+    """One run through ``train.train_and_evaluate`` (or its finished record): final test top-1."""
+    from train import train as training
+
+    record = workdir / "claims_run.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    config = twin_config(twin, overrides, seed, steps)
     start = time.perf_counter()
     state = training.train_and_evaluate(config, str(workdir))
     evals = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
