@@ -156,7 +156,7 @@ def train_twin(twin: Twin, overrides: dict[str, Any], seed: int, steps: int, wor
         "twin": twin.name,
         "seed": seed,
         "test_top1": final["top1"],
-        "train_top1": [e for e in evals if e["split"] == "train"][-1]["top1"],
+        "train_top1": [e for e in evals if e["split"] == "train"][-1]["top1"],  # mean over the run
         "params": models.count_params(state.params),
         "seconds": time.perf_counter() - start,
     }

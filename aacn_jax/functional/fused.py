@@ -176,7 +176,7 @@ def gpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: 
 
     tokens, value_depth = v.shape[1], v.shape[3]
     depth = max(q.shape[-1], value_depth)
-    if not interpret and q.dtype in _CUDNN_DTYPES and _round_up(depth + 1, 8) <= _cudnn_max_depth():
+    if not interpret and q.dtype in _CUDNN_DTYPES and _round_up(depth + tokens % 2, 8) <= _cudnn_max_depth():
         return cudnn_attention(q, k, v)
     if q.dtype not in (jnp.float32, *_CUDNN_DTYPES):  # float64: no flash kernel takes it
         q, k, v, _ = _padded(q, k, v, depth=depth, tokens=tokens)
