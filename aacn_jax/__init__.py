@@ -4,7 +4,7 @@ Bello, Zoph, Vaswani, Shlens, Le. "Attention Augmented Convolutional Networks", 
 arXiv:1904.09925.
 """
 
-from aacn_jax import functional, models, nnx
+from aacn_jax import detection, functional, models, nnx
 from aacn_jax.functional import rel_to_abs, relative_logits, self_attention_2d
 from aacn_jax.layers import (
     POSITIONS,
@@ -24,6 +24,7 @@ __all__ = [
     "SelfAttention2D",
     "SqueezeExcite",
     "attention_depths",
+    "detection",
     "functional",
     "models",
     "nnx",

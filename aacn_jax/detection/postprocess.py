@@ -51,12 +51,21 @@ def _greedy_nms(
     iou = iou[order][:, order]  # N, N in score order
     keep = scores[order] > score_threshold  # N; NaN scores are never kept
     positions = jnp.arange(num)
+    # Candidates above the threshold come first in score order, and only they can suppress; once
+    # max_outputs are kept, later ones cannot change the first max_outputs: the loop stops there.
+    candidates = jnp.sum(keep)
 
-    def visit(i: jax.Array, keep: jax.Array) -> jax.Array:
+    def unfinished(carry: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        i, _, kept = carry
+        return (i < candidates) & (kept < max_outputs)
+
+    def visit(carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
         # A kept candidate suppresses every later candidate it overlaps by more than the threshold.
-        return keep & ~(keep[i] & (positions > i) & (iou[i] > iou_threshold))
+        i, keep, kept = carry
+        keep = keep & ~(keep[i] & (positions > i) & (iou[i] > iou_threshold))
+        return i + 1, keep, kept + keep[i]
 
-    keep = jax.lax.fori_loop(0, num, visit, keep)
+    _, keep, _ = jax.lax.while_loop(unfinished, visit, (jnp.int32(0), keep, jnp.int32(0)))
     (kept,) = jnp.nonzero(keep, size=max_outputs, fill_value=0)  # max_outputs; positions in score order
     valid = jnp.arange(max_outputs) < jnp.sum(keep)
     indices = jnp.where(valid, order[kept], 0)

@@ -26,6 +26,7 @@ __all__ = [
     "batch_norm",
     "check_common",
     "check_stages",
+    "component_outputs",
     "conv",
     "excite_layer",
 ]
@@ -180,11 +181,18 @@ class ClassifierHead(nn.Module):
         return logits.astype(jnp.float32)
 
 
-def run_components(model: nn.Module, x: jax.Array, *, train: bool) -> jax.Array:
-    """A zoo model's ``__call__``: check NHWC input, cast to ``model.dtype``, chain its components."""
+def component_outputs(model: nn.Module, x: jax.Array, *, train: bool) -> list[jax.Array]:
+    """Check NHWC input, cast to ``model.dtype``, chain ``model.components()``: the output of each."""
     if x.ndim != 4:
         raise ValueError(f"{type(model).__name__} expects NHWC images [B, H, W, C], got x.shape={x.shape}")
     x = jnp.asarray(x, model.dtype)
+    outputs = []
     for layer in model.components():
         x = layer(x, train=train)
-    return x
+        outputs.append(x)
+    return outputs
+
+
+def run_components(model: nn.Module, x: jax.Array, *, train: bool) -> jax.Array:
+    """A zoo model's ``__call__``: the output of the last of its chained components."""
+    return component_outputs(model, x, train=train)[-1]

@@ -21,6 +21,7 @@ from aacn_jax.models.blocks import (
     ClassifierHead,
     batch_norm,
     check_common,
+    component_outputs,
     conv,
     excite_layer,
     run_components,
@@ -180,6 +181,9 @@ class ResNet(nn.Module):
         (parameter-free global Gather-Excite), on the residual branch before the addition.
       zero_init_residual: start the last BatchNorm scale of each residual branch at 0 (Goyal
         et al. 2017; not stated in the paper).
+      features_only: no classifier head (no ``head`` parameters, ``num_classes`` unused);
+        ``__call__`` returns the outputs of the stages, e.g. as a detection backbone (C2..C5 at
+        strides 4..32 with the ImageNet stem; :class:`aacn_jax.models.RetinaNet`).
       dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters are float32, BatchNorm
         statistics and softmax float32, logits returned in float32.
     """
@@ -201,6 +205,7 @@ class ResNet(nn.Module):
     excite: str | None = None
     se_reduction: int = 16
     zero_init_residual: bool = True
+    features_only: bool = False
     dtype: Any = jnp.float32
 
     def __post_init__(self) -> None:
@@ -241,7 +246,7 @@ class ResNet(nn.Module):
         return tuple(self.width * 2**i for i in range(len(self.stage_sizes)))
 
     def components(self, *, detached: bool = False) -> list[nn.Module]:
-        """The stem, the stages and the head, in the order ``__call__`` chains them.
+        """The stem, the stages and the head (none if ``features_only``), in ``__call__``'s order.
 
         ``detached=True`` builds them as unbound top-level modules, each applied with its own slice
         of the variables (``variables["params"][module.name]``): :func:`aacn_jax.models.summary`
@@ -268,12 +273,16 @@ class ResNet(nn.Module):
                     **kw,
                 )
             )
-        layers.append(ClassifierHead(self.num_classes, dtype=self.dtype, name="head", **kw))
+        if not self.features_only:
+            layers.append(ClassifierHead(self.num_classes, dtype=self.dtype, name="head", **kw))
         return layers
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        """``[B, H, W, C]`` images -> ``[B, num_classes]`` float32 logits."""
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array | tuple[jax.Array, ...]:
+        """``[B, H, W, C]`` images -> ``[B, num_classes]`` float32 logits, or with ``features_only``
+        the tuple of the stage outputs ``[B, h_i, w_i, C_i]`` in ``dtype``."""
+        if self.features_only:
+            return tuple(component_outputs(self, x, train=train)[1:])  # without the stem's
         return run_components(self, x, train=train)
 
 

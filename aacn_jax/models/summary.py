@@ -41,10 +41,14 @@ def xla_flops(fn: Callable[..., Any], *args: Any) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class StageSummary:
-    """One top-level part of a model (``stem``, ``stage1`` ..., ``head``)."""
+    """One top-level part of a model (``stem``, ``stage1`` ..., ``head``).
+
+    ``output_shape``: the shape of its output, or a tuple of shapes when it returns several
+    arrays (a detection backbone's stage outputs, a RetinaNet head's logits and box deltas).
+    """
 
     name: str
-    output_shape: tuple[int, ...]
+    output_shape: tuple[int, ...] | tuple[tuple[int, ...], ...]
     params: int
     flops: float | None
 
@@ -71,10 +75,15 @@ class ModelSummary:
         def fmt_flops(flops: float | None) -> str:
             return "-" if flops is None else f"{flops / 1e6:,.1f}"
 
+        def fmt_shape(shape: tuple[Any, ...]) -> str:
+            if shape and isinstance(shape[0], tuple):
+                return ", ".join(fmt_shape(s) for s in shape)
+            return "x".join(map(str, shape[1:]))
+
         header = f"{self.name}: input {self.input_shape}, {self.num_classes} classes"
         rows = [("stage", "output", "params", "MFLOPs")]
         for s in self.stages:
-            rows.append((s.name, "x".join(map(str, s.output_shape[1:])), f"{s.params:,}", fmt_flops(s.flops)))
+            rows.append((s.name, fmt_shape(s.output_shape), f"{s.params:,}", fmt_flops(s.flops)))
         rows.append(("total", "", f"{self.params:,}", fmt_flops(self.flops)))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = [header]
@@ -92,6 +101,11 @@ class ModelSummary:
 
 def _slice(variables: Mapping[str, Any], name: str) -> dict[str, Any]:
     return {col: tree[name] for col, tree in variables.items() if name in tree}
+
+
+def _shape(output: Any) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
+    shapes = tuple(tuple(leaf.shape) for leaf in jax.tree.leaves(output))
+    return shapes[0] if len(shapes) == 1 else shapes
 
 
 def summary(
@@ -139,9 +153,7 @@ def summary(
         out = jax.eval_shape(forward(layer), layer_vars, h)
         layer_flops = xla_flops(forward(layer), layer_vars, h) if flops else None
         stages.append(
-            StageSummary(
-                layer.name, tuple(out.shape), count_params(layer_vars.get("params", {})), layer_flops
-            )
+            StageSummary(layer.name, _shape(out), count_params(layer_vars.get("params", {})), layer_flops)
         )
         h = out
     total_flops = xla_flops(forward(model), variables, x) if flops else None

@@ -23,8 +23,9 @@ __all__ = ["ZooModel"]
 class ZooModel(nnx.Module):
     """A linen zoo model as an NNX module, initialised for ``input_shape`` ``(H, W, C)``.
 
-    ``model(x, train=...)`` returns float32 logits; in training mode it updates the BatchNorm
-    statistics in place (and draws dropout keys from ``rngs``). ``train=None`` follows the
+    ``model(x, train=...)`` returns what the linen model returns (float32 logits, a RetinaNet's
+    pair); in training mode it updates the BatchNorm statistics in place (and draws dropout keys
+    from ``rngs``). ``train=None`` follows the
     NNX mode: training after construction or ``model.train()``, inference after
     ``model.eval()``. ``model.linen_module`` is the linen model; ``model.bridged`` (its
     ``nnx.bridge.ToNNX`` wrapper) holds the variables under the linen names, which
@@ -60,8 +61,9 @@ class ZooModel(nnx.Module):
         self.bridged.to_nnx__rngs = rngs.fork()  # concrete keys for dropout, in place of the traced ones
         load_linen_variables(self, variables)
 
-    def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
-        """``[B, H, W, C]`` images -> ``[B, num_classes]`` float32 logits."""
+    def __call__(self, x: jax.Array, *, train: bool | None = None) -> Any:
+        """``[B, H, W, C]`` images -> the linen model's output: ``[B, num_classes]`` float32 logits, or
+        a detector's tuple (``RetinaNet``: class logits and box deltas)."""
         train = not self.use_running_average if train is None else train
         mutable = ["batch_stats"] if train else False
         return self.bridged(x, train=train, mutable=mutable)
