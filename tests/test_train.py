@@ -15,7 +15,9 @@ import optax
 import pytest
 
 from tests import train_helpers as helpers
-from train import checkpoint, input_pipeline, sharding, train
+from train import checkpoint, input_pipeline, sharding, tasks, train
+
+SMOOTHED_LOSS = functools.partial(tasks.classification_loss, label_smoothing=0.1)
 
 
 def read_metrics(workdir) -> list[dict]:
@@ -42,7 +44,7 @@ def test_sharded_step_equals_single_device_step():
     state0 = jax.jit(init)(jax.random.key(0))
     batch = next(input_pipeline.train_iterator(input_pipeline.digits(), batch_size=8, seed=0))
     step = jax.jit(
-        functools.partial(train.train_step, rng=jax.random.key(1), lr_fn=lr_fn, label_smoothing=0.1)
+        functools.partial(train.train_step, rng=jax.random.key(1), lr_fn=lr_fn, loss_fn=SMOOTHED_LOSS)
     )
     results = []
     for devices in (jax.devices(), jax.devices()[:1]):

@@ -23,6 +23,10 @@ RECIPES = {
     "imagenet_aa_resnet50": "aa_resnet50",
     "imagenet_se_resnet50": "se_resnet50",
     "same_different": "resnet_cifar",
+    "coco_retinanet_resnet50": "retinanet_resnet50",
+    "coco_aa_retinanet_resnet50": "aa_retinanet_resnet50",
+    "shapes_aa_retinanet": "aa_retinanet_resnet18",
+    "shapes_retinanet": "retinanet_resnet18",
 }
 
 
@@ -73,6 +77,30 @@ def test_imagenet_recipe_warms_up_to_the_linearly_scaled_rate_then_decays_to_zer
     assert float(lr_fn(peak_step)) == pytest.approx(0.1 * 4096 / 256)
     assert float(lr_fn(total)) == pytest.approx(0.0, abs=1e-6)
     assert config.label_smoothing == 0.1
+
+
+def test_coco_recipe_warms_up_for_an_epoch_then_steps_down_at_epochs_8_and_11():
+    config = load_config("coco_aa_retinanet_resnet50")
+    steps_per_epoch = 118_287 // config.batch_size  # COCO 2017 train, batch 64: 1848
+    lr_fn = train.create_learning_rate_fn(config, steps_per_epoch, 12 * steps_per_epoch)
+    rates = [float(lr_fn(round(epoch * steps_per_epoch))) for epoch in (0, 0.5, 1, 7.9, 8, 10.9, 11, 11.9)]
+    np.testing.assert_allclose(rates, [0.0, 0.04, 0.08, 0.08, 0.008, 0.008, 0.0008, 0.0008], rtol=1e-3)
+    assert (config.task, config.dataset, config.image_size, config.weight_decay) == (
+        "detection",
+        "coco",
+        640,
+        1e-4,
+    )
+
+
+def test_shapes_twins_differ_only_in_the_backbones_attention():
+    aa, plain = load_config("shapes_aa_retinanet"), load_config("shapes_retinanet")
+    aa_backbone = aa.model_overrides.backbone_overrides.to_dict()
+    plain_backbone = plain.model_overrides.backbone_overrides.to_dict()
+    assert {k: v for k, v in aa_backbone.items() if k in plain_backbone} == plain_backbone
+    assert aa_backbone["augmented_stages"] == (3, 4)
+    aa.model, aa.model_overrides.backbone_overrides = plain.model, plain.model_overrides.backbone_overrides
+    assert aa.to_dict() == plain.to_dict()
 
 
 def test_weight_decay_applies_to_conv_and_dense_kernels_only():

@@ -1,4 +1,4 @@
-"""Input pipelines with grain (no TensorFlow): digits, same_different, CIFAR-10/100 and ImageNet.
+"""Input pipelines with grain (no TensorFlow): digits, same_different, CIFAR, ImageNet; COCO and shapes.
 
 * ``digits``: scikit-learn's bundled 8x8 grey digits (1797 images, 10 classes); a fixed stratified
   split gives 1437 training and 360 test images. No augmentation.
@@ -12,6 +12,8 @@
   without that tree, TFDS's ``imagenet2012`` ``data_source`` in ``data_dir``. Training: Inception
   random-resized crop (area 8-100 %, aspect 3/4-4/3) and flip; evaluation: resize to
   ``image_size / 0.875`` and centre crop.
+* ``coco`` / ``shapes`` (detection, ``config.task = "detection"``): COCO-format instances and images,
+  or the synthetic shapes set; see ``train/detection_data.py``.
 
 Images are normalised per channel with the data set's mean and standard deviation. Every
 process reads its own ``1 / process_count`` of the records and yields its part of each global
@@ -40,6 +42,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from train import detection_data
 from train import same_different as same_different_images
 
 Record = dict[str, Any]
@@ -64,6 +67,8 @@ class Dataset:
       train_transform: ``(record, rng) -> record`` with augmentation.
       test_transform: ``record -> record``.
       class_names: the label names, where the data set has them (else empty).
+      max_boxes: a detection data set's box rows per record (records ``{'image', 'boxes', 'classes',
+        'valid', 'image_id', 'scale'}``, see ``train/detection_data.py``); 0 for classification.
     """
 
     train: RecordSource
@@ -73,6 +78,7 @@ class Dataset:
     train_transform: Callable[[Record, np.random.Generator], Record]
     test_transform: Callable[[Record], Record]
     class_names: tuple[str, ...] = ()
+    max_boxes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,7 +251,8 @@ CIFAR: dict[str, dict[str, Any]] = {
     ),
 }
 CIFAR_MEAN, CIFAR_STD = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)
-DATASETS = ("digits", "same_different", *CIFAR, "imagenet")
+DETECTION_DATASETS = ("coco", "shapes")
+DATASETS = ("digits", "same_different", *CIFAR, "imagenet", *DETECTION_DATASETS)
 
 
 def _md5(path: str) -> str:
@@ -386,7 +393,30 @@ def create_dataset(config: ml_collections.ConfigDict) -> Dataset:
         return cifar(config.dataset, data_dir, download=config.download)
     if config.dataset == "imagenet":
         return imagenet(data_dir, image_size=config.image_size)
+    if config.dataset == "coco":
+        return detection(detection_data.coco_sources(data_dir), config.image_size, config.detection.max_boxes)
+    if config.dataset == "shapes":
+        sources = detection_data.shapes_sources()
+        return detection(sources, detection_data.SHAPES_SIZE, config.detection.max_boxes)
     raise ValueError(f"dataset={config.dataset!r} must be one of {DATASETS}")
+
+
+def detection(
+    sources: tuple[detection_data.CocoSource, detection_data.CocoSource], image_size: int, max_boxes: int
+) -> Dataset:
+    """A detection data set of COCO-format training and test sources, at ``image_size x image_size``."""
+    train, test = sources
+    transform = functools.partial(detection_data.resize_pad, size=image_size, max_boxes=max_boxes)
+    return Dataset(
+        train,
+        test,
+        num_classes=len(detection_data.category_ids(train.instances)),
+        image_shape=(image_size, image_size, 3),
+        train_transform=transform,
+        test_transform=functools.partial(transform, rng=None),
+        class_names=detection_data.class_names(train.instances),
+        max_boxes=max_boxes,
+    )
 
 
 def evaluation_transform(dataset: str, image_size: int) -> Callable[[Record], Record]:
@@ -435,14 +465,20 @@ def _resized_picture(path: str, *, mode: str, size: int, scale: float) -> np.nda
 # Pipelines: each process reads records process_index, process_index + process_count, ...
 
 
-def check_record(record: Record, *, split: str, image_shape: tuple[int, ...], num_classes: int) -> Record:
-    """``record`` (transformed) unchanged, or ValueError if its image or label do not fit the data set."""
-    image, label = record["image"], np.asarray(record["label"])
-    if np.shape(image) != tuple(image_shape):
+def check_record(record: Record, *, split: str, data: Dataset) -> Record:
+    """``record`` (transformed) unchanged, or ValueError if its image, label or boxes do not fit ``data``."""
+    image_shape, num_classes = tuple(data.image_shape), data.num_classes
+    if np.shape(record["image"]) != image_shape:
         raise ValueError(
-            f"a {split} record's image has shape {np.shape(image)}, but the data set's image_shape is "
-            f"{tuple(image_shape)}: fix the records or the {split} transform"
+            f"a {split} record's image has shape {np.shape(record['image'])}, but the data set's image_shape "
+            f"is {image_shape}: fix the records or the {split} transform"
         )
+    if data.max_boxes:
+        detection_data.check_detection_record(
+            record, split=split, max_boxes=data.max_boxes, num_classes=num_classes
+        )
+        return record
+    label = np.asarray(record["label"])
     if label.ndim or not np.issubdtype(label.dtype, np.integer) or not 0 <= label < num_classes:
         raise ValueError(
             f"a {split} record has label {label.tolist()!r}; labels must be integers in [0, {num_classes}) "
@@ -456,7 +492,7 @@ def check_dataset(data: Dataset) -> None:
     check every record as they read it)."""
     if not len(data.train) or not len(data.test):
         raise ValueError(f"empty data set: {len(data.train)} training and {len(data.test)} test records")
-    check = functools.partial(check_record, image_shape=data.image_shape, num_classes=data.num_classes)
+    check = functools.partial(check_record, data=data)
     check(data.train_transform(data.train[0], np.random.default_rng(0)), split="training")
     check(data.test_transform(data.test[0]), split="test")
 
@@ -472,11 +508,7 @@ def train_iterator(data: Dataset, *, batch_size: int, seed: int, workers: int = 
     """Endless stream of this process's slices of global batches of ``batch_size`` augmented records."""
     dataset = grain.MapDataset.source(data.train)[jax.process_index() :: jax.process_count()]
     dataset = dataset.shuffle(seed).repeat().random_map(data.train_transform, seed=seed)
-    dataset = dataset.map(
-        functools.partial(
-            check_record, split="training", image_shape=data.image_shape, num_classes=data.num_classes
-        )
-    )
+    dataset = dataset.map(functools.partial(check_record, split="training", data=data))
     dataset = dataset.batch(batch_size // jax.process_count(), drop_remainder=True)
     return iter(_parallel(dataset, workers))
 
@@ -485,7 +517,7 @@ def _test_record(index: int, *, data: Dataset) -> Record:
     """Record ``index``; indices past the end repeat the last record with ``mask`` 0."""
     count = len(data.test)
     record = data.test_transform(data.test[min(index, count - 1)])
-    check_record(record, split="test", image_shape=data.image_shape, num_classes=data.num_classes)
+    check_record(record, split="test", data=data)
     return {**record, "mask": np.float32(index < count)}
 
 

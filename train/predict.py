@@ -1,4 +1,9 @@
-"""Classify pictures with a trained model: ``python -m train.predict --workdir DIR IMAGE...``.
+"""Classify pictures, or find objects in them: ``python -m train.predict --workdir DIR IMAGE...``.
+
+Detection runs (``config.task = "detection"``): each picture is resized and padded as the run's
+test images are, the detections (score above ``--min_score``) are printed as class, score and
+box ``(x1, y1, x2, y2)`` in the picture's pixels, and ``--draw DIR`` also writes each picture with
+its boxes drawn on it to ``DIR`` (PNG). The rest of this text is about classification runs.
 
 Each PNG or JPEG (any size) is prepared as the run's test transform prepares its images
 (``input_pipeline.picture_transform``), the model of the workdir's latest checkpoint (or
@@ -30,12 +35,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import export
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from train import checkpoint, input_pipeline, run_record
+from aacn_jax import detection
+from train import checkpoint, detection_data, input_pipeline, run_record
 from train.loading import load
 
 EXPORT_PLATFORMS = ("cpu", "tpu", "cuda")
+DRAW_SIZE = 512  # --draw enlarges pictures smaller than this by a whole factor
 # The Pallas Triton kernel of the fused attention is a custom call jax.export does not vouch for.
 _TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -56,6 +63,89 @@ def export_inference(
     images = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
     checks = [export.DisabledSafetyCheck.custom_call(_TRITON_CALL)]
     return export.export(infer, platforms=[platform], disabled_checks=checks)(images)
+
+
+def prepare_detection(paths: Sequence[str], image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``([N, S, S, 3] model inputs, [N] scales)``: each picture resized and padded as the test images of
+    a detection run (``detection_data.resize_pad``); a model's boxes divided by the scale are in the
+    picture's pixels."""
+    images, scales = [], []
+    for path in paths:
+        with Image.open(path) as picture:
+            pixels = np.asarray(picture.convert("RGB"))
+        record = {"image": pixels, "boxes": np.zeros((0, 4), np.float32), "classes": np.zeros(0, np.int32)}
+        prepared = detection_data.resize_pad({**record, "image_id": 0}, None, size=image_size, max_boxes=0)
+        images.append(prepared["image"])
+        scales.append(prepared["scale"])
+    return np.stack(images), np.asarray(scales, np.float32)
+
+
+def detector(model: nn.Module, settings: Any, image_size: int, min_score: float) -> Any:
+    """Jitted ``(variables, images) -> Detections``: the run's post-processing settings, scores of at
+    above ``min_score``."""
+    anchors = model.anchor_boxes((image_size, image_size))
+
+    def run(variables: Any, images: jax.Array) -> detection.Detections:
+        outputs: Any = model.apply(variables, images, train=False)
+        class_logits, box_deltas = outputs
+        return detection.detect(
+            class_logits,
+            box_deltas,
+            jnp.asarray(anchors),
+            image_size=(image_size, image_size),
+            pre_nms_top_k=settings.pre_nms_top_k,
+            score_threshold=min_score,
+            iou_threshold=settings.nms_iou,
+            max_detections=settings.max_detections,
+        )
+
+    return jax.jit(run)
+
+
+def draw(path: str, found: Sequence[tuple[str, float, tuple[float, ...]]], out_path: str) -> None:
+    """Write the picture at ``path`` with each ``(name, score, (x1, y1, x2, y2))`` drawn, as PNG
+    (enlarged by a whole factor when smaller than DRAW_SIZE)."""
+    with Image.open(path) as picture:
+        canvas = picture.convert("RGB")
+    zoom = max(1, DRAW_SIZE // max(canvas.size))  # small pictures are enlarged so the labels can be read
+    canvas = canvas.resize((canvas.width * zoom, canvas.height * zoom), Image.Resampling.NEAREST)
+    pen = ImageDraw.Draw(canvas)
+    palette = ((255, 80, 80), (80, 220, 80), (90, 140, 255), (255, 200, 40), (220, 90, 255), (40, 220, 220))
+    for name, score, box in found:
+        colour = palette[sum(map(ord, name)) % len(palette)]
+        x1, y1, x2, y2 = (v * zoom for v in box)
+        pen.rectangle((x1, y1, x2, y2), outline=colour, width=2)
+        pen.text((x1 + 2, max(y1 - 12, 0)), f"{name} {score:.2f}", fill=colour)
+    canvas.save(out_path)
+
+
+def predict_detection(args: argparse.Namespace, model: nn.Module, variables: Any, config: Any) -> None:
+    """Print (and with ``--draw``, draw) the detections of every picture of ``args.images``."""
+    size = run_record.read_dataset(args.workdir)["image_shape"][0]
+    names = run_record.read_dataset(args.workdir)["class_names"]
+    images, scales = prepare_detection(args.images, size)
+    run = detector(model, config.detection, size, args.min_score)
+    batch = args.batch_size
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch]
+        padded = np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+        found = jax.device_get(run(variables, padded))
+        for i, path in enumerate(args.images[start : start + batch]):
+            keep = np.flatnonzero(found.valid[i])
+            items = []
+            for d in keep:
+                y1, x1, y2, x2 = (float(v) / float(scales[start + i]) for v in found.boxes[i, d])
+                name = names[int(found.classes[i, d])] if names else str(int(found.classes[i, d]))
+                items.append((name, float(found.scores[i, d]), (x1, y1, x2, y2)))
+            text = ", ".join(
+                f"{n} {p:.2f} at ({b[0]:.0f}, {b[1]:.0f}, {b[2]:.0f}, {b[3]:.0f})" for n, p, b in items
+            )
+            print(f"{path}: {text or 'nothing found'}")
+            if args.draw:
+                out = os.path.join(args.draw, os.path.splitext(os.path.basename(path))[0] + ".png")
+                draw(path, items, out)
+    if args.draw:
+        print(f"wrote {len(args.images)} picture(s) with their boxes to {args.draw}")
 
 
 def top_classes(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list[str]:
@@ -91,6 +181,10 @@ def _check_inputs(args: argparse.Namespace) -> None:
                 picture.verify()
         except (OSError, SyntaxError) as error:
             _fail(f"image {path} cannot be decoded ({error}): give PNG or JPEG files")
+    if args.draw and (not os.path.isdir(args.draw) or not os.access(args.draw, os.W_OK)):
+        _fail(f"--draw {args.draw}: not a writable folder: create it or give another")
+    if run_record.read_dataset(args.workdir).get("task") == "detection" and args.export:
+        _fail("--export: exports classifiers only; a detection run's outputs need its post-processing")
     if args.export:
         folder = os.path.dirname(os.path.abspath(args.export))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
@@ -112,11 +206,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--export_platform", default="cpu", choices=EXPORT_PLATFORMS, help="the artifact's platform"
     )
+    parser.add_argument(
+        "--min_score", type=float, default=0.3, help="detection runs: the lowest score printed"
+    )
+    parser.add_argument("--draw", help="detection runs: write the pictures with their boxes to this folder")
     args = parser.parse_args(argv)
     _check_inputs(args)
     dataset = run_record.read_dataset(args.workdir)
     step = args.step if args.step is not None else checkpoint.saved_steps(args.workdir)[-1]
     config = run_record.read_config(args.workdir)
+    if dataset.get("task") == "detection":
+        print(
+            f"Finding objects in {len(args.images)} image(s) with {config.model} ({dataset['dataset']}, "
+            f"{dataset['num_classes']} classes) from the checkpoint of step {step} in {args.workdir}",
+            flush=True,
+        )
+        model, variables, _ = load(args.workdir, args.step)
+        predict_detection(args, model, variables, config)
+        return
     print(
         f"Classifying {len(args.images)} image(s) with {config.model} ({dataset['dataset']}, "
         f"{dataset['num_classes']} classes) from the checkpoint of step {step} in {args.workdir} "

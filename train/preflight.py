@@ -16,7 +16,12 @@ import numpy as np
 
 from train.configs import default
 
-CHOICES = {"lr_schedule": ("cosine", "step"), "nonfinite_policy": ("stop", "skip")}
+CHOICES = {
+    "task": ("classification", "detection"),
+    "lr_schedule": ("cosine", "step"),
+    "nonfinite_policy": ("stop", "skip"),
+}
+DETECTION_POSITIVE = ("max_boxes", "pre_nms_top_k", "max_detections")
 POSITIVE = ("batch_size", "base_batch_size", "log_every_steps", "eval_every_steps", "checkpoint_every_steps")
 FREE_SPACE_MARGIN = 1.1  # Orbax's metadata and file-system blocks on top of the arrays' bytes
 
@@ -58,9 +63,29 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"max_checkpoints_to_keep={config.max_checkpoints_to_keep} must be at least 1")
     if config.max_skipped_steps < 0:
         raise ValueError(f"max_skipped_steps={config.max_skipped_steps} must be >= 0")
+    check_detection(config.detection)
     if not jnp.issubdtype(jnp.dtype(config.dtype), jnp.floating):
         raise ValueError(
             f"dtype={config.dtype!r} must be a floating-point type, e.g. 'float32' or 'bfloat16'"
+        )
+
+
+def check_detection(settings: ml_collections.ConfigDict) -> None:
+    """ValueError for ``config.detection`` values out of range (checked for every task: cheap)."""
+    for key in DETECTION_POSITIVE:
+        if settings[key] < 1:
+            raise ValueError(f"detection.{key}={settings[key]} must be >= 1")
+    if not 0 <= settings.background_iou <= settings.foreground_iou <= 1:
+        raise ValueError(
+            f"detection.background_iou={settings.background_iou} and detection.foreground_iou="
+            f"{settings.foreground_iou} must satisfy 0 <= background_iou <= foreground_iou <= 1"
+        )
+    if not 0 <= settings.nms_iou <= 1:
+        raise ValueError(f"detection.nms_iou={settings.nms_iou} must be in [0, 1]")
+    if settings.max_detections > settings.pre_nms_top_k:
+        raise ValueError(
+            f"detection.max_detections={settings.max_detections} must be <= detection.pre_nms_top_k="
+            f"{settings.pre_nms_top_k}"
         )
 
 

@@ -25,7 +25,8 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from aacn_jax import models
-from train import checkpoint, input_pipeline, metrics, preemption, preflight, run_record, sharding
+from train import checkpoint, detection, input_pipeline, metrics, preemption, preflight, run_record, sharding
+from train.tasks import Task, classification_task
 
 
 class TrainState(train_state.TrainState):
@@ -51,6 +52,11 @@ def create_learning_rate_fn(
     """
     peak = config.learning_rate * config.batch_size / config.base_batch_size
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    if warmup_steps >= num_steps:
+        raise ValueError(
+            f"warmup_epochs={config.warmup_epochs} is {warmup_steps} steps, not fewer than the run's "
+            f"{num_steps} steps: lower --config.warmup_epochs"
+        )
     if config.lr_schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, num_steps)
     if config.lr_schedule == "step":  # boundaries at absolute epochs, counted from the end of warm-up
@@ -93,10 +99,18 @@ def create_state(
     )
 
 
-def correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """``[B]`` float: 1 where the label is among the ``k`` largest logits (k capped at the class count)."""
-    top = jax.lax.top_k(logits, min(k, logits.shape[-1]))[1]
-    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+def create_task(config: ml_collections.ConfigDict, model: nn.Module, data: input_pipeline.Dataset) -> Task:
+    """The :class:`~train.tasks.Task` ``config.task`` names; ValueError if ``data`` is of the other kind."""
+    is_detection = data.max_boxes > 0
+    if (config.task == "detection") != is_detection:
+        kind = "detection" if is_detection else "classification"
+        raise ValueError(
+            f"task={config.task!r}, but dataset={config.dataset!r} is a {kind} data set: "
+            f"set --config.task={kind}"
+        )
+    if is_detection:
+        return detection.detection_task(config.detection, model, data)
+    return classification_task(config)
 
 
 def train_step(
@@ -105,10 +119,13 @@ def train_step(
     *,
     rng: jax.Array,
     lr_fn: optax.Schedule,
-    label_smoothing: float,
+    loss_fn: Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]],
     skip_nonfinite: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch; BatchNorm statistics are over the global batch.
+
+    ``loss_fn(model outputs, batch) -> (loss, metrics)`` is the task's (:class:`~train.tasks.Task`);
+    its metrics join the step's.
 
     Dropout (where a model has it) draws from ``fold_in(rng, step)``: a resumed run repeats it exactly.
     Metric ``finite`` is False when the loss, the gradients or the new parameters are not finite; with
@@ -116,19 +133,19 @@ def train_step(
     (the step counter still advances past the batch) and counts itself in ``skipped_steps``.
     """
 
-    def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+    def compute_loss(params: Any) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
         variables = {"params": params, "batch_stats": state.batch_stats}
-        logits, updates = state.apply_fn(
+        outputs, updates = state.apply_fn(
             variables,
             batch["image"],
             train=True,
             mutable=["batch_stats"],
             rngs={"dropout": jax.random.fold_in(rng, state.step)},
         )
-        targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), label_smoothing)
-        return optax.softmax_cross_entropy(logits, targets).mean(), (logits, updates["batch_stats"])
+        loss, task_metrics = loss_fn(outputs, batch)
+        return loss, (task_metrics, updates["batch_stats"])
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (task_metrics, batch_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(new_state.params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
@@ -137,8 +154,7 @@ def train_step(
         new_state = jax.tree.map(functools.partial(jnp.where, finite), new_state, skipped)
     step_metrics = {
         "loss": loss,
-        "top1": correct(logits, batch["label"], 1).mean(),
-        "top5": correct(logits, batch["label"], 5).mean(),
+        **task_metrics,
         "learning_rate": lr_fn(state.step),
         "grad_norm": grad_norm,
         "param_norm": param_norm,
@@ -148,28 +164,19 @@ def train_step(
     return new_state, step_metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Sums over the batch's real records (``mask`` 1): cross-entropy, top-1 and top-5 hits, count."""
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    logits = state.apply_fn(variables, batch["image"], train=False)
-    mask = batch["mask"]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    return {
-        "loss": jnp.sum(loss * mask),
-        "top1": jnp.sum(correct(logits, batch["label"], 1) * mask),
-        "top5": jnp.sum(correct(logits, batch["label"], 5) * mask),
-        "count": jnp.sum(mask),
-    }
-
-
 def evaluate(
-    state: TrainState, *, p_eval_step: Callable[..., Any], batches: Iterable[Any], mesh: Mesh
+    state: TrainState,
+    *,
+    p_eval_step: Callable[..., Any],
+    finish: Callable[[list[Any]], dict[str, float]],
+    batches: Iterable[Any],
+    mesh: Mesh,
 ) -> dict[str, float]:
-    """Means of :func:`eval_step`'s sums over ``batches`` (an iterable of per-process batches)."""
-    sums = jax.device_get([p_eval_step(state, sharding.global_batch(batch, mesh)) for batch in batches])
-    totals = {name: np.sum([s[name] for s in sums]) for name in sums[0]}
-    count = totals.pop("count")
-    return {name: float(total / count) for name, total in totals.items()}
+    """The task's results (``finish``) of ``p_eval_step``'s outputs over ``batches`` (an iterable of
+    per-process batches)."""
+    return finish(
+        jax.device_get([p_eval_step(state, sharding.global_batch(batch, mesh)) for batch in batches])
+    )
 
 
 def summarize(
@@ -267,6 +274,7 @@ def train_loop(
 def dataset_record(config: ml_collections.ConfigDict, data: input_pipeline.Dataset) -> dict[str, Any]:
     """What ``dataset.json`` keeps of the data set: enough to prepare and name new images."""
     return {
+        "task": config.task,
         "dataset": config.dataset,
         "image_size": config.image_size,
         "num_classes": data.num_classes,
@@ -317,6 +325,7 @@ def _train_and_evaluate_on(
     data = data or input_pipeline.create_dataset(config)
     input_pipeline.check_dataset(data)
     model = create_model(config, data.num_classes)
+    task = create_task(config, model, data)
     steps_per_epoch = len(data.train) // config.batch_size
     num_steps = config.num_train_steps
     if num_steps <= 0:
@@ -334,8 +343,9 @@ def _train_and_evaluate_on(
     evaluate_fn = functools.partial(
         evaluate,
         p_eval_step=jax.jit(
-            eval_step, in_shardings=(state_sharding, batch_sharded), out_shardings=replicated
+            task.eval_step, in_shardings=(state_sharding, batch_sharded), out_shardings=replicated
         ),
+        finish=task.finish,
         batches=input_pipeline.test_batches(data, batch_size=config.batch_size, workers=config.data_workers),
         mesh=mesh,
     )
@@ -372,7 +382,7 @@ def _train_and_evaluate_on(
                     train_step,
                     rng=dropout_rng,
                     lr_fn=lr_fn,
-                    label_smoothing=config.label_smoothing,
+                    loss_fn=task.loss_fn,
                     skip_nonfinite=config.nonfinite_policy == "skip",
                 ),
                 in_shardings=(state_sharding, batch_sharded),
@@ -418,8 +428,8 @@ def _train_and_evaluate_on(
         writer.write(step, "eval", results)
     if writer.active:
         print(
-            f"Final test top-1 {results['top1']:.2%} (top-5 {results['top5']:.2%}, "
-            f"loss {results['loss']:.4f}) on {len(data.test)} {config.dataset} test images at step {step}, "
+            f"Final test {task.headline(results)} on {len(data.test)} {config.dataset} test images "
+            f"at step {step}, "
             f"{time.perf_counter() - start_time:.0f} s",
             flush=True,
         )

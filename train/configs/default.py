@@ -16,11 +16,15 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
+    # Task: "classification" (labels, cross-entropy, top-1/top-5) or "detection" (boxes: a RetinaNet
+    # model from the registry, focal + box loss, COCO AP by pycocotools; train/detection.py).
+    config.task = "classification"
+
     # Data (train/input_pipeline.py).
-    config.dataset = "digits"  # digits | same_different | cifar10 | cifar100 | imagenet
-    config.data_dir = "data"  # CIFAR tarballs / ImageNet tree or TFDS directory; unused for the others
+    config.dataset = "digits"  # digits | same_different | cifar10 | cifar100 | imagenet | coco | shapes
+    config.data_dir = "data"  # CIFAR tarballs / ImageNet tree or TFDS directory / COCO 2017 layout
     config.download = True  # fetch missing CIFAR tarballs (md5-checked)
-    config.image_size = 224  # ImageNet crop size; the other data sets have fixed sizes
+    config.image_size = 224  # ImageNet crop size / COCO input side; the other data sets have fixed sizes
     config.data_workers = 0  # grain worker processes (0: threads in the training process)
 
     # Model: aacn_jax.models.create(model, num_classes=..., dtype=dtype, **model_overrides).
@@ -54,4 +58,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 200
     config.max_checkpoints_to_keep = 2
     config.distributed = False  # call jax.distributed.initialize() (multi-host runs)
+
+    # Detection (task "detection" only; defaults: RetinaNet, Lin et al. 2017, and TF's TPU RetinaNet).
+    config.detection = ml_collections.ConfigDict()
+    config.detection.max_boxes = 100  # box rows per image (COCO 2017 has at most 93 per image)
+    config.detection.foreground_iou = 0.5  # anchors with IoU >= this are the box's
+    config.detection.background_iou = 0.4  # anchors with IoU < this with every box are background
+    config.detection.focal_alpha = 0.25
+    config.detection.focal_gamma = 2.0
+    config.detection.huber_delta = 0.1  # box loss: Huber on the (ty, tx, th, tw) deltas
+    config.detection.box_loss_weight = 50.0
+    config.detection.pre_nms_top_k = 1000  # candidates (anchor, class) kept before NMS
+    config.detection.score_threshold = 0.05
+    config.detection.nms_iou = 0.5
+    config.detection.max_detections = 100  # per image, as COCO's AP counts
     return config

@@ -1,0 +1,184 @@
+"""The detection task end to end: python -m train on COCO-format data (a tiny shapes set), checkpoints and
+resumption, COCO metrics, the task/data/model checks, and train.predict on a detection run."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import train_helpers as helpers
+from train import detection_data, input_pipeline, predict, shapes, train
+
+# A tiny AA-RetinaNet: P3-P4 of a one-block-per-stage ResNet of width 8, attention in stage 4.
+TINY_DETECTOR = dict(
+    min_level=3,
+    max_level=4,
+    fpn_features=16,
+    head_convs=1,
+    anchor_scale=2.0,
+    backbone_overrides=dict(
+        width=8, stage_sizes=(1, 1, 1, 1), augmented_stages=(4,), num_heads=2, min_key_depth_per_head=2
+    ),
+)
+SIZE = 64
+
+
+def tiny_detection_config(**changes):
+    config = helpers.tiny_config({"task": "detection", "dataset": "shapes", "model": "aa_retinanet_resnet18"})
+    config.model_overrides = ml_collections.ConfigDict(TINY_DETECTOR)
+    config.detection.max_boxes = 3
+    config.detection.pre_nms_top_k = 50
+    config.detection.max_detections = 10
+    config.update(changes)
+    return config
+
+
+def tiny_shapes(count: int, seed: int) -> detection_data.CocoSource:
+    data = shapes.generate(count, seed=seed, size=SIZE, max_objects=3, max_side=24)
+    return detection_data.CocoSource(data.instances, lambda entry: data.images[entry["id"] - 1])
+
+
+@pytest.fixture(scope="module")
+def tiny_data() -> input_pipeline.Dataset:
+    return input_pipeline.detection((tiny_shapes(16, 0), tiny_shapes(6, 1)), SIZE, 3)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_data):
+    """A workdir after 2 steps and after resuming to 4, with the returned states."""
+    workdir = str(tmp_path_factory.mktemp("detection"))
+    first = train.train_and_evaluate(tiny_detection_config(num_train_steps=2), workdir, data=tiny_data)
+    second = train.train_and_evaluate(tiny_detection_config(num_train_steps=4), workdir, data=tiny_data)
+    return workdir, first, second
+
+
+def records(workdir: str) -> list[dict]:
+    with open(f"{workdir}/metrics.jsonl") as file:
+        return [json.loads(line) for line in file]
+
+
+def test_detection_run_trains_resumes_and_scores_with_pycocotools(trained, capsys):
+    workdir, first, second = trained
+    assert int(first.step) == 2 and int(second.step) == 4
+    train_records = [r for r in records(workdir) if r["split"] == "train"]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+    for record in train_records:
+        assert np.isfinite(record["loss"]) and record["class_loss"] > 0 and record["box_loss"] >= 0
+        assert record["foreground_anchors"] > 0  # every image has objects: some anchors are theirs
+        assert record["loss"] == pytest.approx(record["class_loss"] + 50 * record["box_loss"], rel=1e-4)
+    final = [r for r in records(workdir) if r["split"] == "eval"][-1]
+    assert final["step"] == 4
+    for name in ("ap", "ap50", "ap75", "ar100"):
+        assert 0 <= final[name] <= 1
+    with open(f"{workdir}/dataset.json") as file:
+        recorded = json.load(file)
+    assert recorded["task"] == "detection" and recorded["class_names"] == list(shapes.CLASSES)
+
+
+def test_detection_checkpoint_differs_after_training(trained):
+    _, first, second = trained
+    before, after = helpers.flat_params(first.params), helpers.flat_params(second.params)
+    assert any(not np.array_equal(before[name], after[name]) for name in before)
+
+
+def test_task_must_match_the_data_set(tmp_path, tiny_data):
+    with pytest.raises(ValueError, match=r"set --config\.task=detection"):
+        train.train_and_evaluate(tiny_detection_config(task="classification"), str(tmp_path), data=tiny_data)
+    with pytest.raises(ValueError, match=r"set --config\.task=classification"):
+        train.train_and_evaluate(helpers.tiny_config({"task": "detection"}), str(tmp_path))
+
+
+def test_detection_needs_a_detection_model(tmp_path, tiny_data):
+    config = tiny_detection_config(model="resnet_cifar")
+    config.model_overrides = ml_collections.ConfigDict(dict(depth=8, width=8))
+    with pytest.raises(ValueError, match="needs a detection model"):
+        train.train_and_evaluate(config, str(tmp_path), data=tiny_data)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("background_iou", 0.6, "background_iou <= foreground_iou"),
+        ("max_boxes", 0, "detection.max_boxes=0 must be >= 1"),
+        ("max_detections", 2000, "must be <= detection.pre_nms_top_k"),
+    ],
+)
+def test_detection_settings_are_checked_before_anything_runs(tmp_path, key, value, message):
+    config = tiny_detection_config()
+    config.detection[key] = value
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_predict_prints_and_draws_detections(trained, tmp_path, capsys):
+    workdir, _, _ = trained
+    picture = tmp_path / "picture.png"
+    scene = shapes.generate(1, seed=5, size=96)  # another size than the run's 64: resized like its images
+    Image.fromarray(scene.images[0]).save(picture)
+    drawn = tmp_path / "drawn"
+    drawn.mkdir()
+    predict.main([str(picture), "--workdir", workdir, "--draw", str(drawn), "--min_score", "0"])
+    out = capsys.readouterr().out
+    line = next(row for row in out.splitlines() if row.startswith(str(picture)))
+    found = re.findall(r"(\w+) ([01]\.\d\d) at \((-?\d+), (-?\d+), (-?\d+), (-?\d+)\)", line)
+    assert found  # min_score 0: the (barely trained) detector's best boxes are printed
+    for name, _, *box in found:
+        x1, y1, x2, y2 = map(int, box)
+        assert name in shapes.CLASSES and 0 <= x1 <= x2 <= 96 and 0 <= y1 <= y2 <= 96  # picture pixels
+    with Image.open(drawn / "picture.png") as image:
+        assert image.size == (5 * 96, 5 * 96)  # enlarged by the whole factor 512 // 96
+        enlarged = scene.images[0].repeat(5, axis=0).repeat(5, axis=1)
+        assert not np.array_equal(np.asarray(image.convert("RGB")), enlarged)  # boxes drawn
+
+
+def test_predict_refuses_to_export_a_detector(trained, tmp_path):
+    workdir, _, _ = trained
+    picture = tmp_path / "p.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(picture)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.predict",
+            str(picture),
+            "--workdir",
+            workdir,
+            "--export",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=helpers.REPO,
+        env=helpers.subprocess_env(1),
+        timeout=300,
+    )
+    assert result.returncode == 2 and "exports classifiers only" in result.stderr
+
+
+def test_the_shapes_recipe_runs_from_the_command_line(tmp_path):
+    """The quick form of the README's detection command: the real recipe, 2 steps."""
+    flags = [
+        "--config=train/configs/shapes_aa_retinanet.py",
+        f"--workdir={tmp_path}",
+        "--config.num_train_steps=2",
+        "--config.warmup_epochs=0",
+        "--config.batch_size=8",
+        "--config.base_batch_size=8",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "train", *flags],
+        capture_output=True,
+        text=True,
+        cwd=helpers.REPO,
+        env=helpers.subprocess_env(4),
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Final test AP" in result.stdout and "on 500 shapes test images at step 2" in result.stdout
