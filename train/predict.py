@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import export
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from aacn_jax import detection
 from train import checkpoint, detection_data, input_pipeline, run_record
@@ -102,20 +102,31 @@ def detector(model: nn.Module, settings: Any, image_size: int, min_score: float)
     return jax.jit(run)
 
 
-def draw(path: str, found: Sequence[tuple[str, float, tuple[float, ...]]], out_path: str) -> None:
-    """Write the picture at ``path`` with each ``(name, score, (x1, y1, x2, y2))`` drawn, as PNG
-    (enlarged by a whole factor when smaller than DRAW_SIZE)."""
+def draw(
+    path: str,
+    found: Sequence[tuple[str, float, tuple[float, ...]]],
+    out_path: str,
+    class_names: Sequence[str],
+) -> None:
+    """Write the picture at ``path`` with each ``(name, score, (x1, y1, x2, y2))`` drawn in its class's
+    colour, as PNG (enlarged by a whole factor when smaller than DRAW_SIZE)."""
     with Image.open(path) as picture:
         canvas = picture.convert("RGB")
     zoom = max(1, DRAW_SIZE // max(canvas.size))  # small pictures are enlarged so the labels can be read
     canvas = canvas.resize((canvas.width * zoom, canvas.height * zoom), Image.Resampling.NEAREST)
     pen = ImageDraw.Draw(canvas)
-    palette = ((255, 80, 80), (80, 220, 80), (90, 140, 255), (255, 200, 40), (220, 90, 255), (40, 220, 220))
+    font_size = max(12, canvas.height // 24)
+    font = ImageFont.load_default(size=font_size)
+    palette = ((255, 80, 80), (80, 220, 80), (90, 160, 255), (255, 200, 40), (220, 90, 255), (40, 220, 220))
     for name, score, box in found:
-        colour = palette[sum(map(ord, name)) % len(palette)]
+        colour = palette[list(class_names).index(name) % len(palette)] if name in class_names else palette[0]
         x1, y1, x2, y2 = (v * zoom for v in box)
-        pen.rectangle((x1, y1, x2, y2), outline=colour, width=2)
-        pen.text((x1 + 2, max(y1 - 12, 0)), f"{name} {score:.2f}", fill=colour)
+        pen.rectangle((x1, y1, x2, y2), outline=colour, width=3)
+        label = f"{name} {score:.2f}"
+        corner = (min(x1, canvas.width - pen.textlength(label, font=font) - 2), max(y1, font_size + 2))
+        left, top, right, bottom = pen.textbbox(corner, label, font=font, anchor="lb")
+        pen.rectangle((left - 2, top - 2, right + 2, bottom), fill=colour)
+        pen.text(corner, label, fill=(0, 0, 0), font=font, anchor="lb")
     canvas.save(out_path)
 
 
@@ -143,7 +154,7 @@ def predict_detection(args: argparse.Namespace, model: nn.Module, variables: Any
             print(f"{path}: {text or 'nothing found'}")
             if args.draw:
                 out = os.path.join(args.draw, os.path.splitext(os.path.basename(path))[0] + ".png")
-                draw(path, items, out)
+                draw(path, items, out, names)
     if args.draw:
         print(f"wrote {len(args.images)} picture(s) with their boxes to {args.draw}")
 
