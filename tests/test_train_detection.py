@@ -3,29 +3,34 @@ resumption, COCO metrics, the task/data/model checks, and train.predict on a det
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
 import re
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests import train_helpers as helpers
-from train import detection_data, input_pipeline, predict, shapes, train
+from train import detection_data, input_pipeline, loading, predict, shapes, train, warm_start
 
 # A tiny AA-RetinaNet: P3-P4 of a one-block-per-stage ResNet of width 8, attention in stage 4.
+TINY_BACKBONE = dict(
+    width=8, stage_sizes=(1, 1, 1, 1), augmented_stages=(4,), num_heads=2, min_key_depth_per_head=2
+)
 TINY_DETECTOR = dict(
     min_level=3,
     max_level=4,
     fpn_features=16,
     head_convs=1,
     anchor_scale=2.0,
-    backbone_overrides=dict(
-        width=8, stage_sizes=(1, 1, 1, 1), augmented_stages=(4,), num_heads=2, min_key_depth_per_head=2
-    ),
+    backbone_overrides=TINY_BACKBONE,
 )
 SIZE = 64
 
@@ -51,12 +56,43 @@ def tiny_data() -> input_pipeline.Dataset:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_data):
-    """A workdir after 2 steps and after resuming to 4, with the returned states."""
+def classifier(tmp_path_factory) -> str:
+    """The workdir of a one-step classifier with the detector's backbone (aa_resnet18 of TINY_BACKBONE)
+    on 128x128 shapes labelled by their first object: its stage-4 maps are 4x4, the detector's 2x2."""
+    scenes = shapes.generate(8, seed=2, size=128)
+    first = {}
+    for annotation in scenes.instances["annotations"]:
+        first.setdefault(annotation["image_id"], annotation["category_id"] - 1)
+    labels = np.array([first[i + 1] for i in range(8)], np.int32)
+    transform = functools.partial(
+        input_pipeline.normalize, mean=detection_data.IMAGENET_MEAN, std=detection_data.IMAGENET_STD
+    )
+    data = input_pipeline.Dataset(
+        input_pipeline.ArraySource(scenes.images, labels),
+        input_pipeline.ArraySource(scenes.images, labels),
+        num_classes=3,
+        image_shape=(128, 128, 3),
+        train_transform=functools.partial(input_pipeline.without_augmentation, transform=transform),
+        test_transform=transform,
+    )
+    config = helpers.tiny_config({"model": "aa_resnet18", "num_train_steps": 1})
+    config.model_overrides = ml_collections.ConfigDict(TINY_BACKBONE)
+    workdir = str(tmp_path_factory.mktemp("classifier"))
+    train.train_and_evaluate(config, workdir, data=data)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_data, classifier):
+    """A workdir after 2 steps (its backbone started from ``classifier``) and after resuming to 4, with
+    the returned states and the first start's output."""
     workdir = str(tmp_path_factory.mktemp("detection"))
-    first = train.train_and_evaluate(tiny_detection_config(num_train_steps=2), workdir, data=tiny_data)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        first = train.train_and_evaluate(
+            tiny_detection_config(num_train_steps=2, init_from=classifier), workdir, data=tiny_data
+        )
     second = train.train_and_evaluate(tiny_detection_config(num_train_steps=4), workdir, data=tiny_data)
-    return workdir, first, second
+    return workdir, first, second, out.getvalue()
 
 
 def records(workdir: str) -> list[dict]:
@@ -65,7 +101,7 @@ def records(workdir: str) -> list[dict]:
 
 
 def test_detection_run_trains_resumes_and_scores_with_pycocotools(trained, capsys):
-    workdir, first, second = trained
+    workdir, first, second, _ = trained
     assert int(first.step) == 2 and int(second.step) == 4
     train_records = [r for r in records(workdir) if r["split"] == "train"]
     assert [r["step"] for r in train_records] == [1, 2, 3, 4]
@@ -83,9 +119,55 @@ def test_detection_run_trains_resumes_and_scores_with_pycocotools(trained, capsy
 
 
 def test_detection_checkpoint_differs_after_training(trained):
-    _, first, second = trained
+    _, first, second, _ = trained
     before, after = helpers.flat_params(first.params), helpers.flat_params(second.params)
     assert any(not np.array_equal(before[name], after[name]) for name in before)
+
+
+def test_the_backbone_starts_from_the_classifier(trained, classifier, tiny_data):
+    """Every backbone leaf comes from the classifier (relative tables learned on 4x4 maps cut to their
+    centre for 2x2 maps: rows 2..4 of 7); the pyramid and heads keep their initial values."""
+    *_, output = trained
+    assert f"from aa_resnet18 in {classifier}" in output
+    model = train.create_model(tiny_detection_config(), num_classes=3)
+    fresh = model.init(jax.random.key(7), np.zeros((1, SIZE, SIZE, 3), np.float32), train=False)
+    params, stats, _ = warm_start.warm_start(fresh["params"], fresh["batch_stats"], classifier)
+    source = train_loading_variables(classifier)
+    for name, leaf in flat(params["backbone"]).items():
+        expected = flat(source["params"])[name]
+        if name.endswith("['rel_h']") or name.endswith("['rel_w']"):
+            assert expected.shape[0] == 7 and leaf.shape[0] == 3
+            expected = expected[2:5]
+        np.testing.assert_array_equal(leaf, expected)
+    for name, leaf in flat(stats["backbone"]).items():
+        np.testing.assert_array_equal(leaf, flat(source["batch_stats"])[name])
+    for part in ("fpn", "head"):
+        assert flat(params[part]).keys() == flat(fresh["params"][part]).keys()
+        for name, leaf in flat(params[part]).items():
+            np.testing.assert_array_equal(leaf, flat(fresh["params"][part])[name])
+
+
+def test_init_from_another_architecture_names_the_leaf(classifier):
+    config = tiny_detection_config()
+    config.model_overrides.backbone_overrides.width = 16
+    model = train.create_model(config, num_classes=3)
+    fresh = model.init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32), train=False)
+    with pytest.raises(
+        ValueError,
+        match=r"params \S+ has shape \(8,\) in the source run but \(16,\) in this model: the source is",
+    ):
+        warm_start.warm_start(fresh["params"], fresh["batch_stats"], classifier)
+
+
+def train_loading_variables(workdir: str) -> dict:
+    return loading.load(workdir)[1]
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def test_task_must_match_the_data_set(tmp_path, tiny_data):
@@ -118,7 +200,7 @@ def test_detection_settings_are_checked_before_anything_runs(tmp_path, key, valu
 
 
 def test_predict_prints_and_draws_detections(trained, tmp_path, capsys):
-    workdir, _, _ = trained
+    workdir, _, _, _ = trained
     picture = tmp_path / "picture.png"
     scene = shapes.generate(1, seed=5, size=96)  # another size than the run's 64: resized like its images
     Image.fromarray(scene.images[0]).save(picture)
@@ -139,7 +221,7 @@ def test_predict_prints_and_draws_detections(trained, tmp_path, capsys):
 
 
 def test_predict_refuses_to_export_a_detector(trained, tmp_path):
-    workdir, _, _ = trained
+    workdir, _, _, _ = trained
     picture = tmp_path / "p.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(picture)
     result = subprocess.run(

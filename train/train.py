@@ -25,7 +25,17 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from aacn_jax import models
-from train import checkpoint, detection, input_pipeline, metrics, preemption, preflight, run_record, sharding
+from train import (
+    checkpoint,
+    detection,
+    input_pipeline,
+    metrics,
+    preemption,
+    preflight,
+    run_record,
+    sharding,
+    warm_start,
+)
 from train.tasks import Task, classification_task
 
 
@@ -97,6 +107,17 @@ def create_state(
         batch_stats=variables["batch_stats"],
         skipped_steps=jnp.zeros((), jnp.int32),
     )
+
+
+def start_from(state: TrainState, workdir: str, state_sharding: Any, *, verbose: bool) -> TrainState:
+    """``state`` with the parameters and BatchNorm statistics of the run in ``workdir`` adopted
+    (:func:`train.warm_start.warm_start`); the optimizer state stays fresh."""
+    params, batch_stats, summary = warm_start.warm_start(
+        jax.device_get(state.params), jax.device_get(state.batch_stats), workdir
+    )
+    if verbose:
+        print(summary, flush=True)
+    return jax.device_put(state.replace(params=params, batch_stats=batch_stats), state_sharding)
 
 
 def create_task(config: ml_collections.ConfigDict, model: nn.Module, data: input_pipeline.Dataset) -> Task:
@@ -395,6 +416,8 @@ def _train_and_evaluate_on(
                 )
                 if manager.latest_step() is None:
                     state = jax.jit(init, out_shardings=state_sharding)(init_rng)
+                    if config.init_from:
+                        state = start_from(state, config.init_from, state_sharding, verbose=writer.active)
                 else:
                     state = checkpoint.restore(manager, abstract_state, train_iter)
                     if writer.active:

@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = "aa_resnet_cifar"
     config.model_overrides = ml_collections.ConfigDict(dict(depth=8, width=32))
     config.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision (params stay float32)
+    # Workdir of a finished run whose weights start this one (train/warm_start.py): fine-tuning, or a
+    # detector's backbone from a classifier. "" = random initialisation. Used only on a fresh start.
+    config.init_from = ""
 
     # Optimisation (SGD with momentum; weight decay on conv/dense kernels only).
     config.batch_size = 64  # global: split over all devices of all processes
