@@ -2,8 +2,7 @@
 
 Command: python -m train --config train/configs/coco_retinanet_resnet50.py --config.data_dir=/path/to/coco
   (data_dir holds annotations/instances_{train,val}2017.json, train2017/ and val2017/)
-Expected: 36.8 COCO AP on val2017 (the paper's table, which trains on an ImageNet-pretrained backbone;
-  this script starts from random weights, see below).
+Expected: 36.8 COCO AP on val2017 (the paper's table; with an ImageNet-trained backbone, see below).
 Time: not measured here (no accelerator was available).
 
 The paper says RetinaNet, 640x640 images and the AA backbone; the rest of its detection recipe is
@@ -12,9 +11,10 @@ authors; "standard recipe, not stated in the paper"): batch 64, SGD with momentu
 rate 0.08 at batch 64 with a linear warm-up over the first epoch and x0.1 steps at epochs 8 and 11
 (of 12), weight decay 1e-4, random horizontal flips, focal loss alpha 0.25 / gamma 2, Huber box
 loss (delta 0.1, weight 50), anchors of 3 scales x 3 aspect ratios at P3-P7 with anchor scale 4.
-Not supported here: initialising the backbone from an ImageNet checkpoint (RetinaNet's usual
-start; the paper does not say), and the COCO 80-of-90 category id mapping is taken from the
-instances file (80 classes).
+RetinaNet's usual start, an ImageNet-trained backbone (the paper's numbers assume one; it does
+not say): --config.init_from=runs/imagenet_resnet50, the workdir of a finished
+train/configs/imagenet_resnet50.py run (train/warm_start.py adopts its weights). The 80 classes
+are the instances file's categories in the order of their ids (COCO's ids run to 90).
 """
 
 import ml_collections
