@@ -115,12 +115,25 @@ def matched_overrides(twin: Twin, target: int) -> dict[str, Any]:
         return dict(twin.overrides)
     candidates = [(16, 32 + 4 * i, 64 + 4 * j) for i in range(-2, 5) for j in range(-2, 7)]
 
+    def changed(widths: tuple[int, ...]) -> int:
+        return abs(widths[1] - 32) + abs(widths[2] - 64)
+
     def preference(widths: tuple[int, ...]) -> tuple[bool, int, float]:
         """Within the tolerance first, then the fewest channels changed, then the nearest count."""
         off = abs(parameter_count(twin.model, dict(twin.overrides, stage_widths=widths)) / target - 1)
-        return off > TOLERANCE, abs(widths[1] - 32) + abs(widths[2] - 64), off
+        return off > TOLERANCE, changed(widths), off
 
-    return dict(twin.overrides, stage_widths=min(candidates, key=preference))
+    # In order of channels changed, up to the first change with a candidate within the tolerance:
+    # no later one is preferred, and each count is an eval_shape (~0.3 s).
+    ordered = sorted(candidates, key=changed)
+    best, best_key = ordered[0], preference(ordered[0])
+    for widths in ordered[1:]:
+        if not best_key[0] and changed(widths) > best_key[1]:
+            break
+        key = preference(widths)
+        if key < best_key:
+            best, best_key = widths, key
+    return dict(twin.overrides, stage_widths=best)
 
 
 def twin_config(twin: Twin, overrides: dict[str, Any], seed: int, steps: int) -> ml_collections.ConfigDict:

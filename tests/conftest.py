@@ -1,4 +1,5 @@
-"""Test session setup: 4 simulated CPU devices and a persistent compilation cache, before JAX starts."""
+"""Test session setup, before JAX starts: 4 simulated CPU devices, XLA's CPU backend unoptimised
+(``tests.train_helpers.XLA_TEST_FLAGS``) and a persistent compilation cache."""
 
 import fcntl
 import os
@@ -6,15 +7,15 @@ import pathlib
 import subprocess
 import sys
 
+from tests.train_helpers import REPO, XLA_TEST_FLAGS, subprocess_env
+
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_FLAGS} --xla_force_host_platform_device_count=4"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 import pytest
-
-from tests.train_helpers import REPO, subprocess_env
 
 _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".cache" / "jax"
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
@@ -52,7 +53,7 @@ def _train_digits(path: pathlib.Path) -> None:
         [sys.executable, "-m", "train", "--workdir", str(path), *flags],
         capture_output=True,
         text=True,
-        env=subprocess_env(1),
+        env=subprocess_env(1, optimised=True),  # 200 steps: running costs more than compiling
         cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]

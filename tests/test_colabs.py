@@ -20,6 +20,8 @@ import pytest
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
+from tests.train_helpers import XLA_TEST_FLAGS
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "colabs").glob("*.ipynb"))
 REPO_URL = "https://github.com/aacn-jax/aacn_jax"
@@ -72,6 +74,7 @@ def kernel_env() -> dict[str, str]:
     """One CPU device (not the test session's four), the test compile cache, the inline backend."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MPLBACKEND", "PYTHONPATH")}
     env.update(
+        XLA_FLAGS=XLA_TEST_FLAGS,
         JAX_PLATFORMS="cpu",
         JAX_COMPILATION_CACHE_DIR=str(REPO / ".cache" / "jax"),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",

@@ -13,6 +13,10 @@ import tarfile
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+# XLA's CPU backend at optimisation level 0 in every test process: the tests' programs are tiny and
+# compiled once, so compiling is most of their cost (a ResNet-8's init: 22 s at the default level,
+# 4 s at level 0, on a 2-core CPU) and running them unoptimised costs little.
+XLA_TEST_FLAGS = "--xla_backend_optimization_level=0"
 
 # A tiny AA model on digits: global batch 8 (2 per simulated device), checkpoints at steps 2 and 4.
 TINY = {
@@ -42,11 +46,14 @@ def cli_flags(overrides: dict | None = None) -> list[str]:
     return [f"--config.{key}={value}" for key, value in {**TINY, **(overrides or {})}.items()]
 
 
-def subprocess_env(device_count: int) -> dict[str, str]:
-    """Environment of a child JAX process on ``device_count`` CPU devices sharing the test compile cache."""
+def subprocess_env(device_count: int, *, optimised: bool = False) -> dict[str, str]:
+    """Environment of a child JAX process on ``device_count`` CPU devices sharing the test compile
+    cache, with ``XLA_TEST_FLAGS`` unless ``optimised`` (a long run, where running costs more than
+    compiling: 200 steps of a width-48 model took 5x longer unoptimised)."""
+    flags = "" if optimised else XLA_TEST_FLAGS
     return {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={device_count}",
+        "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={device_count}".strip(),
         "JAX_PLATFORMS": "cpu",
         "JAX_COMPILATION_CACHE_DIR": str(REPO / ".cache" / "jax"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
