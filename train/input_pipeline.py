@@ -429,6 +429,11 @@ def evaluation_transform(dataset: str, image_size: int) -> Callable[[Record], Re
         return functools.partial(normalize, mean=CIFAR_MEAN, std=CIFAR_STD)
     if dataset == "imagenet":
         return functools.partial(resize_center_crop, size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    if dataset in DETECTION_DATASETS:
+        raise ValueError(
+            f"dataset={dataset!r} is a detection data set: its records carry boxes "
+            "(detection_data.resize_pad; pictures: train.predict.prepare_detection)"
+        )
     raise ValueError(f"dataset={dataset!r} must be one of {DATASETS}")
 
 
