@@ -2,8 +2,9 @@
 
 Data flows one way: config -> mesh -> input pipeline -> model (from the registry) -> train state
 -> jitted step -> metrics + checkpoints. Read :func:`train_and_evaluate` first; :func:`train_step`
-and :func:`eval_step` are the pure functions it jits (bound to config values with
-``functools.partial``, never closing over the config).
+and the task's evaluation step are the pure functions it jits (bound to config values with
+``functools.partial``, never closing over the config). What differs between classification and
+detection (the loss, the evaluation and its results) is one :class:`train.tasks.Task` value.
 """
 
 from __future__ import annotations
