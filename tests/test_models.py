@@ -5,6 +5,7 @@ on the small CIFAR models and on reduced versions of the big ones (fewer blocks,
 images), so the module stays fast on a 2-core CPU.
 """
 
+import dataclasses
 import functools
 
 import chex
@@ -23,9 +24,13 @@ from aacn_jax.layers import AugmentedConv
 # helpers
 
 
-@functools.cache
 def _abstract(name, overrides=(), input_shape=None):
     """(model, abstract variables) of a registered model at its reference input size and class count."""
+    return _traced_init(name, overrides, input_shape)  # one cache entry however it is called
+
+
+@functools.cache
+def _traced_init(name, overrides, input_shape):
     entry = models.get_entry(name)
     model = models.create(name, num_classes=entry.num_classes, **dict(overrides))
     x = jax.ShapeDtypeStruct((1, *(input_shape or entry.input_shape)), jnp.float32)
@@ -44,7 +49,10 @@ def _augmented_layers(flat):
 def _loss_and_grads(model, variables, x, labels):
     def loss_fn(params):
         logits, updates = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        if isinstance(logits, tuple):  # a detector's (class logits, box deltas): any scalar of both
+            loss = sum(jnp.mean(jnp.square(output)) for output in logits)
+        else:
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         return loss, (logits, updates)
 
     return jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
@@ -68,6 +76,7 @@ REQUIRED = [
     "ge_wrn28_10",
     "resnet_cifar",
     "aa_resnet_cifar",
+    *[f"{prefix}retinanet_resnet{d}" for prefix in ("", "aa_") for d in (50, 101)],
 ]
 
 
@@ -179,6 +188,36 @@ def test_gather_excite_variants_are_parameter_free(ge, plain):
 # ---------------------------------------------------------------------------------------------
 # every registered model: init, forward and backward (traced at its reference size)
 
+# Depth and width variants run the code of a shallower or narrower sibling: their backward pass
+# (tracing it is the slow part, about 5x the forward's for an AA model: every attention layer's
+# custom VJP on every platform branch) is traced on that sibling only, init and forward on their own.
+BACKWARD_TRACED_ON = {
+    **{f"{prefix}resnet34": f"{prefix}resnet18" for prefix in ("", "aa_")},
+    **{f"{prefix}resnet{d}": f"{prefix}resnet26" for prefix in ("", "aa_") for d in (50, 101, 152)},
+    **{
+        f"{prefix}mnasnet_a1_{w}": f"{prefix}mnasnet_a1_075"
+        for prefix in ("", "aa_")
+        for w in (100, 125, 140)
+    },
+    **{f"{prefix}retinanet_resnet101": f"{prefix}retinanet_resnet50" for prefix in ("", "aa_")},
+}
+SIZE_FIELDS = ("stage_sizes", "width")  # the fields in which a variant may differ from its sibling
+
+
+def _architecture(module):
+    """A module's fields (nested modules as their fields), less ``SIZE_FIELDS``."""
+    skip = ("parent", "name", *SIZE_FIELDS)
+    fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module) if f.name not in skip}
+    return {key: _architecture(v) if isinstance(v, nn.Module) else v for key, v in fields.items()}
+
+
+@pytest.mark.parametrize(("variant", "sibling"), sorted(BACKWARD_TRACED_ON.items()))
+def test_variants_differ_from_their_backward_traced_sibling_only_in_size(variant, sibling):
+    assert variant in models.list_models() and sibling not in BACKWARD_TRACED_ON
+    build = lambda name: models.create(name, num_classes=models.get_entry(name).num_classes)
+    assert _architecture(build(variant)) == _architecture(build(sibling))
+    assert models.get_entry(variant).input_shape == models.get_entry(sibling).input_shape
+
 
 @pytest.mark.parametrize("name", models.list_models())
 def test_every_model_inits_and_runs_forward_and_backward_abstractly(name):
@@ -186,12 +225,23 @@ def test_every_model_inits_and_runs_forward_and_backward_abstractly(name):
     entry = models.get_entry(name)
     x = jax.ShapeDtypeStruct((2, *entry.input_shape), jnp.float32)
     labels = jax.ShapeDtypeStruct((2,), jnp.int32)
-    (loss, (logits, updates)), grads = jax.eval_shape(
-        lambda v, x, y: _loss_and_grads(model, v, x, y), variables, x, labels
-    )
-    assert logits.shape == (2, entry.num_classes) and logits.dtype == jnp.float32
-    assert loss.shape == ()
-    chex.assert_trees_all_equal_shapes_and_dtypes(grads, variables["params"])
+    if name in BACKWARD_TRACED_ON:
+        forward = lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])
+        logits, updates = jax.eval_shape(forward, variables, x)
+    else:
+        (loss, (logits, updates)), grads = jax.eval_shape(
+            lambda v, x, y: _loss_and_grads(model, v, x, y), variables, x, labels
+        )
+        assert loss.shape == ()
+        chex.assert_trees_all_equal_shapes_and_dtypes(grads, variables["params"])
+    if name.startswith(("retinanet_", "aa_retinanet_")):  # (class logits, box deltas) per anchor
+        num_anchors = len(model.anchor_boxes(entry.input_shape[:2]))
+        assert [(o.shape, o.dtype) for o in logits] == [
+            ((2, num_anchors, entry.num_classes), jnp.float32),
+            ((2, num_anchors, 4), jnp.float32),
+        ]
+    else:
+        assert logits.shape == (2, entry.num_classes) and logits.dtype == jnp.float32
     chex.assert_trees_all_equal_structs(updates["batch_stats"], variables["batch_stats"])
     chex.assert_type(jax.tree.leaves(variables), jnp.float32)
 
@@ -262,6 +312,7 @@ def _placement(stage_sizes, stages, convs):
 
 
 BASIC, BOTTLENECK, FIRST = ("conv1", "conv2"), ("conv2",), ("conv1",)
+WIDTHS = ("075", "100", "125", "140")  # MnasNet-A1's registered widths
 PLACEMENT = {
     "aa_resnet18": _placement((2, 2, 2, 2), (2, 3, 4), BASIC),
     "aa_resnet34": _placement((3, 4, 6, 3), (2, 3, 4), BASIC),
@@ -272,7 +323,17 @@ PLACEMENT = {
     "aa_resnet152": _placement((3, 8, 36, 3), (3, 4), BOTTLENECK),
     "aa_wrn28_10": _placement((4, 4, 4), (1, 2, 3), FIRST),  # paper: first conv of every block
     "aa_resnet_cifar": _placement((3, 3, 3), (1, 2, 3), FIRST),
+    # the 1x1 projection of every block from the first with 28x28 outputs on (mnasnet.py)
+    **{
+        f"aa_mnasnet_a1_{w}": _placement((1, 2, 3, 4, 2, 3, 1), (3, 4, 5, 6, 7), ("project",)) for w in WIDTHS
+    },
 }
+PLACEMENT.update(  # a RetinaNet's backbone is its AA-ResNet under "backbone"
+    {
+        f"aa_retinanet_resnet{d}": {("backbone", *key) for key in PLACEMENT[f"aa_resnet{d}"]}
+        for d in (18, 50, 101)
+    }
+)
 
 
 @pytest.mark.parametrize("name", models.list_models())
