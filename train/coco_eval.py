@@ -59,7 +59,7 @@ def to_coco_results(
 def coco_metrics(instances: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, float]:
     """pycocotools' box evaluation of ``results`` against the ground truth ``instances``.
 
-    Returns :data:`METRICS` as fractions (-1 where COCOeval has nothing to measure, e.g. no small
+    Returns ``METRICS`` as fractions (-1 where COCOeval has nothing to measure, e.g. no small
     objects). With no detections at all every AP and AR is 0 (pycocotools refuses an empty list).
     """
     annotations = [

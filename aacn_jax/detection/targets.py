@@ -41,8 +41,8 @@ def assign_targets(
     so a batch of images with a fixed N can be ``jax.vmap``-ed.
 
     Each anchor takes the valid box of highest IoU (ties: lowest box index). Class target: that box's
-    class where the IoU is ``>= foreground_iou``, ``-1`` (:data:`BACKGROUND`) where it is
-    ``< background_iou``, ``-2`` (:data:`IGNORED`) in between. With ``match_low_quality`` every valid
+    class where the IoU is ``>= foreground_iou``, ``-1`` (``BACKGROUND``) where it is
+    ``< background_iou``, ``-2`` (``IGNORED``) in between. With ``match_low_quality`` every valid
     box also makes the anchor(s) of its highest IoU (ties: all of them; only if that IoU > 0)
     foreground; such an anchor keeps its own highest-IoU box. No valid box: every anchor is background.
 

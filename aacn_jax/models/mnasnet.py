@@ -5,7 +5,7 @@ Search for Mobile", CVPR 2019, arXiv:1807.11626; Bello et al. "Attention Augment
 Networks", ICCV 2019, arXiv:1904.09925, section 4.3.
 
 One :class:`MnasNet` module covers every variant; the block table and the placement of the
-attention are data (:data:`MNASNET_A1`, :data:`A1_AUGMENTATION`).
+attention are data (``MNASNET_A1``, ``A1_AUGMENTATION``).
 """
 
 from __future__ import annotations
@@ -197,13 +197,13 @@ class MnasNet(nn.Module):
     convolutions named in ``augmented_convs`` (``"expand"``, ``"project"``) become
     :class:`~aacn_jax.layers.AugmentedConv` (kernel 1x1) with ``dk, dv = attention_depths(Fout,
     kappa, upsilon, num_heads, min_key_depth_per_head)``, followed by the block's BatchNorm.
-    The depthwise convolution is never augmented: see :data:`A1_AUGMENTATION` for why and for
+    The depthwise convolution is never augmented: see ``A1_AUGMENTATION`` for why and for
     the placement of the registered ``aa_`` models.
 
     Attributes:
       num_classes: logits.
       width: the width (depth) multiplier, > 0; 0.75, 1.0, 1.25 and 1.4 are registered.
-      stages: the block table (:class:`MBConvStage` rows); :data:`MNASNET_A1` by default.
+      stages: the block table (``MBConvStage`` rows); ``MNASNET_A1`` by default.
       stem_features, head_features: 32 and 1280 in MnasNet-A1 (the stem is scaled by ``width``).
       augmented_stages: 1-based rows of ``stages`` whose blocks are augmented; ``()`` = plain.
       augmented_convs: which pointwise convolutions of those blocks are augmented (``("project",)``).
@@ -285,7 +285,7 @@ class MnasNet(nn.Module):
 
     def components(self, *, detached: bool = False) -> list[nn.Module]:
         """The stem, the stages, the 1x1 head convolution and the classifier, in the order
-        ``__call__`` chains them (``detached``: as in :meth:`aacn_jax.models.resnet.ResNet.components`)."""
+        ``__call__`` chains them (``detached``: as in :meth:`aacn_jax.models.ResNet.components`)."""
         kw: dict[str, Any] = dict(parent=None) if detached else {}
         layers: list[nn.Module] = [ConvBN(self.stem_width, 3, 2, dtype=self.dtype, name="stem", **kw)]
         for i, (spec, features) in enumerate(zip(self.stages, self.widths, strict=True)):

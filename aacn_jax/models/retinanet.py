@@ -160,7 +160,7 @@ class RetinaHead(nn.Module):
 
 
 class RetinaNet(nn.Module):
-    """RetinaNet: ``backbone`` -> :class:`FeaturePyramid` -> :class:`RetinaHead`.
+    """RetinaNet: ``backbone`` -> ``FeaturePyramid`` -> ``RetinaHead``.
 
     ``__call__(images [B, H, W, 3], *, train)`` returns float32 ``(class_logits [B, A, num_classes],
     box_deltas [B, A, 4])``, rows in the order of :meth:`anchor_boxes` for the same ``(H, W)``. Any
@@ -215,7 +215,7 @@ class RetinaNet(nn.Module):
 
     @property
     def num_anchors(self) -> int:
-        """Anchors per location: ``num_scales * len(aspect_ratios)``."""
+        """The number of anchors per location, ``num_scales * len(aspect_ratios)``."""
         return detection.num_anchors_per_location(self.num_scales, self.aspect_ratios)
 
     @nn.nowrap
