@@ -1,13 +1,12 @@
 """Test session setup, before JAX starts: 4 simulated CPU devices, XLA's CPU backend unoptimised
 (``tests.train_helpers.XLA_TEST_FLAGS``) and a persistent compilation cache."""
 
-import fcntl
 import os
 import pathlib
 import subprocess
 import sys
 
-from tests.train_helpers import REPO, XLA_TEST_FLAGS, subprocess_env
+from tests.train_helpers import REPO, XLA_TEST_FLAGS, made_once, subprocess_env
 
 os.environ["XLA_FLAGS"] = (
     f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_FLAGS} --xla_force_host_platform_device_count=4"
@@ -26,20 +25,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 def trained_digits(tmp_path_factory):
     """The default digits run, shortened to 200 steps and widened to 48 channels: a model the
     default config does not build, so whatever uses this workdir must read its recorded config.
-
-    Trained once per test session: the first xdist worker to ask trains it under a file lock in
-    the directory the workers share, the others wait and reuse it. (xdist's ``loadgroup`` does
-    not keep a group on one worker with pytest 9, so grouping cannot be relied on.)"""
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent
-    path = shared / "trained_digits"
-    with open(shared / "trained_digits.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (path / "done").exists():
-            _train_digits(path)
-            (path / "done").touch()
-    return path
+    Trained once per test session (:func:`made_once`)."""
+    return made_once(tmp_path_factory, "trained_digits", _train_digits)
 
 
 def _train_digits(path: pathlib.Path) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import io
 import json
+import pathlib
 import re
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 from PIL import Image
 
 from tests import train_helpers as helpers
-from train import detection_data, input_pipeline, loading, predict, shapes, train, warm_start
+from train import checkpoint, detection_data, input_pipeline, loading, predict, shapes, train, warm_start
 
 # A tiny AA-RetinaNet: P3-P4 of a one-block-per-stage ResNet of width 8, attention in stage 4.
 TINY_BACKBONE = dict(
@@ -50,15 +51,18 @@ def tiny_shapes(count: int, seed: int) -> detection_data.CocoSource:
     return detection_data.CocoSource(data.instances, lambda entry: data.images[entry["id"] - 1])
 
 
-@pytest.fixture(scope="module")
-def tiny_data() -> input_pipeline.Dataset:
+def tiny_detection_data() -> input_pipeline.Dataset:
     return input_pipeline.detection((tiny_shapes(16, 0), tiny_shapes(6, 1)), SIZE, 3)
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> str:
-    """The workdir of a one-step classifier with the detector's backbone (aa_resnet18 of TINY_BACKBONE)
-    on 128x128 shapes labelled by their first object: its stage-4 maps are 4x4, the detector's 2x2."""
+def tiny_data() -> input_pipeline.Dataset:
+    return tiny_detection_data()
+
+
+def train_classifier(workdir: pathlib.Path) -> None:
+    """A one-step classifier with the detector's backbone (aa_resnet18 of TINY_BACKBONE) on 128x128
+    shapes labelled by their first object: its stage-4 maps are 4x4, the detector's 2x2."""
     scenes = shapes.generate(8, seed=2, size=128)
     first = {}
     for annotation in scenes.instances["annotations"]:
@@ -77,22 +81,31 @@ def classifier(tmp_path_factory) -> str:
     )
     config = helpers.tiny_config({"model": "aa_resnet18", "num_train_steps": 1})
     config.model_overrides = ml_collections.ConfigDict(TINY_BACKBONE)
-    workdir = str(tmp_path_factory.mktemp("classifier"))
-    train.train_and_evaluate(config, workdir, data=data)
-    return workdir
+    train.train_and_evaluate(config, str(workdir), data=data)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_data, classifier):
-    """A workdir after 2 steps (its backbone started from ``classifier``) and after resuming to 4, with
-    the returned states and the first start's output."""
-    workdir = str(tmp_path_factory.mktemp("detection"))
-    with contextlib.redirect_stdout(io.StringIO()) as out:
-        first = train.train_and_evaluate(
-            tiny_detection_config(num_train_steps=2, init_from=classifier), workdir, data=tiny_data
-        )
-    second = train.train_and_evaluate(tiny_detection_config(num_train_steps=4), workdir, data=tiny_data)
-    return workdir, first, second, out.getvalue()
+@pytest.fixture(scope="session")
+def classifier(tmp_path_factory) -> str:
+    return str(helpers.made_once(tmp_path_factory, "detection_classifier", train_classifier))
+
+
+FIRST_START_OUTPUT = "first_start_output.txt"
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, classifier) -> str:
+    """A workdir after 2 steps (its backbone started from ``classifier``; what that start printed in
+    FIRST_START_OUTPUT) and after resuming to 4; checkpoints at steps 2 and 4. Made once per session."""
+
+    def make(workdir: pathlib.Path) -> None:
+        data = tiny_detection_data()
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            config = tiny_detection_config(num_train_steps=2, init_from=classifier)
+            train.train_and_evaluate(config, str(workdir), data=data)
+        (workdir / FIRST_START_OUTPUT).write_text(out.getvalue())
+        train.train_and_evaluate(tiny_detection_config(num_train_steps=4), str(workdir), data=data)
+
+    return str(helpers.made_once(tmp_path_factory, "detection_run", make))
 
 
 def records(workdir: str) -> list[dict]:
@@ -100,9 +113,9 @@ def records(workdir: str) -> list[dict]:
         return [json.loads(line) for line in file]
 
 
-def test_detection_run_trains_resumes_and_scores_with_pycocotools(trained, capsys):
-    workdir, first, second, _ = trained
-    assert int(first.step) == 2 and int(second.step) == 4
+def test_detection_run_trains_resumes_and_scores_with_pycocotools(trained):
+    workdir = trained
+    assert checkpoint.saved_steps(workdir) == [2, 4]
     train_records = [r for r in records(workdir) if r["split"] == "train"]
     assert [r["step"] for r in train_records] == [1, 2, 3, 4]
     for record in train_records:
@@ -119,15 +132,15 @@ def test_detection_run_trains_resumes_and_scores_with_pycocotools(trained, capsy
 
 
 def test_detection_checkpoint_differs_after_training(trained):
-    _, first, second, _ = trained
-    before, after = helpers.flat_params(first.params), helpers.flat_params(second.params)
+    before, after = (flat(loading.load(trained, step)[1]["params"]) for step in (2, 4))
+    assert before.keys() == after.keys()
     assert any(not np.array_equal(before[name], after[name]) for name in before)
 
 
-def test_the_backbone_starts_from_the_classifier(trained, classifier, tiny_data):
+def test_the_backbone_starts_from_the_classifier(trained, classifier):
     """Every backbone leaf comes from the classifier (relative tables learned on 4x4 maps cut to their
     centre for 2x2 maps: rows 2..4 of 7); the pyramid and heads keep their initial values."""
-    *_, output = trained
+    output = (pathlib.Path(trained) / FIRST_START_OUTPUT).read_text()
     assert f"from aa_resnet18 in {classifier}" in output
     model = train.create_model(tiny_detection_config(), num_classes=3)
     fresh = model.init(jax.random.key(7), np.zeros((1, SIZE, SIZE, 3), np.float32), train=False)
@@ -200,7 +213,7 @@ def test_detection_settings_are_checked_before_anything_runs(tmp_path, key, valu
 
 
 def test_predict_prints_and_draws_detections(trained, tmp_path, capsys):
-    workdir, _, _, _ = trained
+    workdir = trained
     picture = tmp_path / "picture.png"
     scene = shapes.generate(1, seed=5, size=96)  # another size than the run's 64: resized like its images
     Image.fromarray(scene.images[0]).save(picture)
@@ -221,7 +234,7 @@ def test_predict_prints_and_draws_detections(trained, tmp_path, capsys):
 
 
 def test_predict_refuses_to_export_a_detector(trained, tmp_path):
-    workdir, _, _, _ = trained
+    workdir = trained
     picture = tmp_path / "p.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(picture)
     result = subprocess.run(

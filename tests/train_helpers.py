@@ -3,6 +3,7 @@ the worker of the two-process tests (``python tests/train_helpers.py PORT PROCES
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import pathlib
@@ -44,6 +45,26 @@ def tiny_config(overrides: dict | None = None):
 def cli_flags(overrides: dict | None = None) -> list[str]:
     """The command-line form of :func:`tiny_config`'s settings."""
     return [f"--config.{key}={value}" for key, value in {**TINY, **(overrides or {})}.items()]
+
+
+def made_once(tmp_path_factory, name: str, make) -> pathlib.Path:
+    """The folder ``name`` that ``make(folder)`` fills, made once per test session.
+
+    The first xdist worker to ask makes it under a file lock in the directory the workers share;
+    the others wait and reuse it. (xdist's ``loadgroup`` does not keep a group on one worker with
+    pytest 9, so grouping cannot be relied on, and a module-scoped fixture would run on each worker.)
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    path = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "done").exists():
+            path.mkdir(parents=True, exist_ok=True)
+            make(path)
+            (path / "done").touch()
+    return path
 
 
 def subprocess_env(device_count: int, *, optimised: bool = False) -> dict[str, str]:
