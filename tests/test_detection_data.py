@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from train import coco_eval, detection_data, input_pipeline, shapes
+from train.configs import default
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,14 @@ def test_instances_files_and_the_coco_layout(tmp_path):
     train, test = detection_data.coco_sources(str(tmp_path))
     assert len(train) == len(test) == 2
     assert train[0]["image"].shape == (40, 60, 3) and train[0]["image"][0, 0, 0] == 9
+    config = default.get_config()  # what python -m train reads with --config.dataset=coco
+    config.update(dict(task="detection", dataset="coco", data_dir=str(tmp_path), image_size=32))
+    data = input_pipeline.create_dataset(config)
+    input_pipeline.check_dataset(data)
+    assert (data.num_classes, data.image_shape, data.class_names) == (2, (32, 32, 3), ("three", "seven"))
+    record = data.test_transform(data.test[0])
+    np.testing.assert_allclose(record["boxes"][:2], [[5 * 32 / 60, 10 * 32 / 60, 15 * 32 / 60, 30 * 32 / 60],
+                                                     [0, 0, 40 * 32 / 60, 32]], rtol=1e-6)  # fmt: skip
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"images": []}))
     with pytest.raises(ValueError, match="lacks the COCO key 'annotations'"):
