@@ -15,6 +15,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from train.detection_data import picture_box
+
 # COCOeval.stats, in order: AP at IoU .50:.95, .50, .75; AP of small, medium, large objects;
 # AR with 1, 10, 100 detections per image; AR of small, medium, large objects.
 METRICS = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar1", "ar10", "ar100", "ar_small",
@@ -44,7 +46,7 @@ def to_coco_results(
         if image_ids[b] <= 0:
             continue
         for d in np.flatnonzero(valid[b]):
-            y1, x1, y2, x2 = (float(v) / float(scales[b]) for v in boxes[b, d])
+            x1, y1, x2, y2 = picture_box(boxes[b, d], scales[b])
             results.append(
                 {
                     "image_id": int(image_ids[b]),

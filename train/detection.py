@@ -54,22 +54,37 @@ def detection_loss(
     }
 
 
-def detection_eval_step(
-    state: Any, batch: Batch, *, anchors: np.ndarray, image_size: tuple[int, int], settings: dict[str, Any]
-) -> dict[str, jax.Array]:
-    """The batch's detections (:func:`aacn_jax.detection.detect`), with each record's ``image_id``
-    (0 for padding records) and ``scale``."""
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    class_logits, box_deltas = state.apply_fn(variables, batch["image"], train=False)
-    found = detection.detect(
+def find_objects(
+    outputs: tuple[jax.Array, jax.Array],
+    anchors: np.ndarray,
+    image_size: tuple[int, int],
+    settings: Any,
+    *,
+    score_threshold: float | None = None,
+) -> detection.Detections:
+    """:func:`aacn_jax.detection.detect` on a RetinaNet's outputs with a run's ``config.detection``
+    ``settings`` (a dict or ConfigDict); ``score_threshold`` replaces the settings' one."""
+    class_logits, box_deltas = outputs
+    return detection.detect(
         class_logits,
         box_deltas,
         jnp.asarray(anchors),
         image_size=image_size,
         pre_nms_top_k=settings["pre_nms_top_k"],
-        score_threshold=settings["score_threshold"],
+        score_threshold=settings["score_threshold"] if score_threshold is None else score_threshold,
         iou_threshold=settings["nms_iou"],
         max_detections=settings["max_detections"],
+    )
+
+
+def detection_eval_step(
+    state: Any, batch: Batch, *, anchors: np.ndarray, image_size: tuple[int, int], settings: dict[str, Any]
+) -> dict[str, jax.Array]:
+    """The batch's detections (:func:`find_objects`), with each record's ``image_id`` (0 for padding
+    records) and ``scale``."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    found = find_objects(
+        state.apply_fn(variables, batch["image"], train=False), anchors, image_size, settings
     )
     image_id = jnp.where(batch["mask"] > 0, batch["image_id"], 0)
     return {

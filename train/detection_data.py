@@ -203,6 +203,13 @@ def resize_pad(
     }
 
 
+def picture_box(box: np.ndarray, scale: float) -> tuple[float, float, float, float]:
+    """``(x1, y1, x2, y2)`` in the picture's pixels of a model-input box ``(y1, x1, y2, x2)`` of a
+    picture that :func:`resize_pad` scaled by ``scale``."""
+    y1, x1, y2, x2 = (float(v) / float(scale) for v in box)
+    return x1, y1, x2, y2
+
+
 def check_detection_record(record: Record, *, split: str, max_boxes: int, num_classes: int) -> None:
     """ValueError unless the transformed record's boxes, classes and ``valid`` fit the data set."""
     if np.shape(record["boxes"]) != (max_boxes, 4) or np.shape(record["classes"]) != (max_boxes,):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -39,6 +39,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from aacn_jax import detection
 from train import checkpoint, detection_data, input_pipeline, run_record
+from train.detection import find_objects
+from train.detection_data import picture_box
 from train.loading import load
 
 EXPORT_PLATFORMS = ("cpu", "tpu", "cuda")
@@ -81,35 +83,38 @@ def prepare_detection(paths: Sequence[str], image_size: int) -> tuple[np.ndarray
 
 
 def detector(model: nn.Module, settings: Any, image_size: int, min_score: float) -> Any:
-    """Jitted ``(variables, images) -> Detections``: the run's post-processing settings, scores of at
-    above ``min_score``."""
+    """Jitted ``(variables, images) -> Detections``: the run's post-processing settings, scores above
+    ``min_score``."""
     anchors = model.anchor_boxes((image_size, image_size))
+    size = (image_size, image_size)
 
     def run(variables: Any, images: jax.Array) -> detection.Detections:
         outputs: Any = model.apply(variables, images, train=False)
-        class_logits, box_deltas = outputs
-        return detection.detect(
-            class_logits,
-            box_deltas,
-            jnp.asarray(anchors),
-            image_size=(image_size, image_size),
-            pre_nms_top_k=settings.pre_nms_top_k,
-            score_threshold=min_score,
-            iou_threshold=settings.nms_iou,
-            max_detections=settings.max_detections,
-        )
+        return find_objects(outputs, anchors, size, settings, score_threshold=min_score)
 
     return jax.jit(run)
 
 
+def padded_batches(images: np.ndarray, batch: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, images[start : start + batch])``, the last one padded with zero images to ``batch``
+    (one compiled shape for every call)."""
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch]
+        yield start, np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+
+
+def class_name(class_id: int, class_names: Sequence[str]) -> str:
+    return class_names[class_id] if class_names else str(class_id)
+
+
 def draw(
     path: str,
-    found: Sequence[tuple[str, float, tuple[float, ...]]],
+    found: Sequence[tuple[int, float, tuple[float, ...]]],
     out_path: str,
     class_names: Sequence[str],
 ) -> None:
-    """Write the picture at ``path`` with each ``(name, score, (x1, y1, x2, y2))`` drawn in its class's
-    colour, as PNG (enlarged by a whole factor when smaller than DRAW_SIZE)."""
+    """Write the picture at ``path`` with each ``(class id, score, (x1, y1, x2, y2))`` drawn in its
+    class's colour, as PNG (enlarged by a whole factor when smaller than DRAW_SIZE)."""
     with Image.open(path) as picture:
         canvas = picture.convert("RGB")
     zoom = max(1, DRAW_SIZE // max(canvas.size))  # small pictures are enlarged so the labels can be read
@@ -118,11 +123,11 @@ def draw(
     font_size = max(12, canvas.height // 24)
     font = ImageFont.load_default(size=font_size)
     palette = ((255, 80, 80), (80, 220, 80), (90, 160, 255), (255, 200, 40), (220, 90, 255), (40, 220, 220))
-    for name, score, box in found:
-        colour = palette[list(class_names).index(name) % len(palette)] if name in class_names else palette[0]
+    for class_id, score, box in found:
+        colour = palette[class_id % len(palette)]
         x1, y1, x2, y2 = (v * zoom for v in box)
         pen.rectangle((x1, y1, x2, y2), outline=colour, width=3)
-        label = f"{name} {score:.2f}"
+        label = f"{class_name(class_id, class_names)} {score:.2f}"
         corner = (min(x1, canvas.width - pen.textlength(label, font=font) - 2), max(y1, font_size + 2))
         left, top, right, bottom = pen.textbbox(corner, label, font=font, anchor="lb")
         pen.rectangle((left - 2, top - 2, right + 2, bottom), fill=colour)
@@ -130,26 +135,28 @@ def draw(
     canvas.save(out_path)
 
 
-def predict_detection(args: argparse.Namespace, model: nn.Module, variables: Any, config: Any) -> None:
-    """Print (and with ``--draw``, draw) the detections of every picture of ``args.images``."""
-    size = run_record.read_dataset(args.workdir)["image_shape"][0]
-    names = run_record.read_dataset(args.workdir)["class_names"]
+def predict_detection(
+    args: argparse.Namespace, model: nn.Module, variables: Any, config: Any, dataset: dict[str, Any]
+) -> None:
+    """Print (and with ``--draw``, draw) the detections of every picture of ``args.images``;
+    ``dataset``: the run's ``dataset.json``."""
+    size, names = dataset["image_shape"][0], dataset["class_names"]
     images, scales = prepare_detection(args.images, size)
     run = detector(model, config.detection, size, args.min_score)
-    batch = args.batch_size
-    for start in range(0, len(images), batch):
-        chunk = images[start : start + batch]
-        padded = np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+    for start, padded in padded_batches(images, args.batch_size):
         found = jax.device_get(run(variables, padded))
-        for i, path in enumerate(args.images[start : start + batch]):
-            keep = np.flatnonzero(found.valid[i])
-            items = []
-            for d in keep:
-                y1, x1, y2, x2 = (float(v) / float(scales[start + i]) for v in found.boxes[i, d])
-                name = names[int(found.classes[i, d])] if names else str(int(found.classes[i, d]))
-                items.append((name, float(found.scores[i, d]), (x1, y1, x2, y2)))
+        for i, path in enumerate(args.images[start : start + args.batch_size]):
+            items = [
+                (
+                    int(found.classes[i, d]),
+                    float(found.scores[i, d]),
+                    picture_box(found.boxes[i, d], scales[start + i]),
+                )
+                for d in np.flatnonzero(found.valid[i])
+            ]
             text = ", ".join(
-                f"{n} {p:.2f} at ({b[0]:.0f}, {b[1]:.0f}, {b[2]:.0f}, {b[3]:.0f})" for n, p, b in items
+                f"{class_name(c, names)} {p:.2f} at ({b[0]:.0f}, {b[1]:.0f}, {b[2]:.0f}, {b[3]:.0f})"
+                for c, p, b in items
             )
             print(f"{path}: {text or 'nothing found'}")
             if args.draw:
@@ -233,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             flush=True,
         )
         model, variables, _ = load(args.workdir, args.step)
-        predict_detection(args, model, variables, config)
+        predict_detection(args, model, variables, config, dataset)
         return
     print(
         f"Classifying {len(args.images)} image(s) with {config.model} ({dataset['dataset']}, "
@@ -251,11 +258,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             _fail(f"--export_platform {args.export_platform}: {error}: export on a machine with one")
         artifact = exported.serialize()
     probabilities = jax.jit(lambda v, x: jax.nn.softmax(jnp.asarray(model.apply(v, x, train=False))))
-    for start in range(0, len(images), batch):
-        chunk = images[start : start + batch]
-        padded = np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-        rows = np.asarray(probabilities(variables, padded))[: len(chunk)]
+    for start, padded in padded_batches(images, batch):
         names = args.images[start : start + batch]
+        rows = np.asarray(probabilities(variables, padded))[: len(names)]
         for path, text in zip(names, top_classes(rows, dataset["class_names"], args.top), strict=True):
             print(f"{path}: {text}")
     if args.export:
