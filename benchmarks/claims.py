@@ -1,8 +1,8 @@
 """The paper's four claims, tested in miniature: ``python -m benchmarks.claims [--quick]``.
 
 Trains twins of a small CIFAR-style ResNet-8 on the relational ``same_different`` data set
-(:mod:`train.same_different`: are two far-apart glyphs the same?) through the ordinary
-``train.train_and_evaluate``, each for the same number of steps and with every seed, and judges
+(:mod:`train.data.same_different`: are two far-apart glyphs the same?) through the ordinary
+``train.loop.train_and_evaluate``, each for the same number of steps and with every seed, and judges
 the paper's claims (Bello et al. 2019):
 
 1. augmenting convolutions with self-attention beats the convolution alone (``aa`` vs ``plain``);
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     import ml_collections
 
 CHANCE = 0.5
-POOLED_DETECTOR_BOUND = 0.643  # train.same_different: best rule of pooled local detectors (K = 8)
+POOLED_DETECTOR_BOUND = 0.643  # train.data.same_different: best rule of pooled local detectors (K = 8)
 BASE = dict(depth=8, width=16)
 ATTENTION = dict(augmented_stages=(2, 3))
 FULLY_ATTENTIONAL = dict(ATTENTION, kappa=1.0, upsilon=1.0)
@@ -154,15 +154,15 @@ def twin_config(twin: Twin, overrides: dict[str, Any], seed: int, steps: int) ->
 
 
 def train_twin(twin: Twin, overrides: dict[str, Any], seed: int, steps: int, workdir: pathlib.Path) -> dict:
-    """One run through ``train.train_and_evaluate`` (or its finished record): final test top-1."""
-    from train import train as training
+    """One run through ``train.loop.train_and_evaluate`` (or its finished record): final test top-1."""
+    from train import loop
 
     record = workdir / "claims_run.json"
     if record.exists():
         return json.loads(record.read_text())
     config = twin_config(twin, overrides, seed, steps)
     start = time.perf_counter()
-    state = training.train_and_evaluate(config, str(workdir))
+    state = loop.train_and_evaluate(config, str(workdir))
     evals = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     final = [e for e in evals if e["split"] == "eval" and e["step"] == steps][-1]
     run = {

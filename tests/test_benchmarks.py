@@ -3,10 +3,12 @@
 import json
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from aacn_jax import models as flax_models
 from benchmarks import attention, measure, models, plot
 
 
@@ -23,12 +25,29 @@ def test_agreement_check_catches_a_wrong_implementation(monkeypatch):
         attention.check_agreement(attention.QUICK_SHAPES[1], ["wrong"])
 
 
-def test_models_quick_reports_both_twins(capsys):
+def test_models_quick_times_a_real_training_step_of_each_twin(capsys, monkeypatch):
+    """The timed call is one SGD step (each call moves the parameters again); the rows count the
+    parameters of the model; the printed ratio is the two measured speeds'."""
+    prepared = []
+    prepare = models.prepare_model
+    monkeypatch.setattr(
+        models, "prepare_model", lambda *args, **kw: prepared.append(prepare(*args, **kw)) or prepared[-1]
+    )
     models.main(["--quick"])
     out = capsys.readouterr().out
-    ratio = float(out.split("time ")[1].split("x")[0])
-    assert "resnet_cifar" in out and "aa_resnet_cifar" in out
-    assert np.isfinite(ratio) and ratio > 0
+    (names, size, num_classes, _), *_ = models.QUICK_PAIRS
+    assert [row["model"] for row, _ in prepared] == list(names)
+    for row, run in prepared:
+        model = flax_models.create(row["model"], num_classes=num_classes)
+        init = lambda key: model.init(key, jnp.zeros((1, size, size, 3)), train=False)  # noqa: B023
+        shapes = jax.eval_shape(init, jax.random.key(1))
+        assert row["params"] == sum(x.size for x in jax.tree.leaves(shapes["params"]))
+        before = jax.tree.map(np.asarray, run()["params"])
+        after = jax.tree.map(np.asarray, run()["params"])
+        assert any(jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)))
+    speeds = [float(line.split()[1]) for line in out.splitlines() if "img/s" in line]
+    printed = float(out.split("time ")[1].split("x")[0])
+    assert len(speeds) == 2 and printed == pytest.approx(speeds[0] / speeds[1], rel=0.02)
 
 
 def test_interleaved_timing_calls_each_once_per_round_in_shuffled_orders():

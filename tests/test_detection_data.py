@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train import coco_eval, detection_data, input_pipeline, shapes
 from train.configs import default
+from train.data import coco, create_dataset, pipeline, shapes
+from train.tasks import coco_eval
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +91,9 @@ def blank(entry) -> np.ndarray:
 
 
 def test_coco_source_maps_categories_clips_and_leaves_out_crowds():
-    source = detection_data.CocoSource(tiny_instances(), blank)
-    assert detection_data.category_ids(source.instances) == (3, 7)
-    assert detection_data.class_names(source.instances) == ("three", "seven")
+    source = coco.CocoSource(tiny_instances(), blank)
+    assert coco.category_ids(source.instances) == (3, 7)
+    assert coco.class_names(source.instances) == ("three", "seven")
     record = source[0]
     # (y1, x1, y2, x2); the second box reaches 0.5 pixel past the image: clipped; the crowd is left out.
     np.testing.assert_array_equal(record["boxes"], [[5, 10, 15, 30], [0, 0, 40, 60]])
@@ -116,7 +117,7 @@ def test_coco_source_names_the_bad_annotation(annotation, message):
     instances = tiny_instances()
     instances["annotations"].append(bad)
     with pytest.raises(ValueError, match=message) as error:
-        detection_data.CocoSource(instances, blank)
+        coco.CocoSource(instances, blank)
     assert "annotation id 44" in str(error.value)
 
 
@@ -127,13 +128,13 @@ def test_instances_files_and_the_coco_layout(tmp_path):
         for name in ("a.png", "b.png"):
             Image.fromarray(np.full((40, 60, 3), 9, np.uint8)).save(tmp_path / split / name)
         (tmp_path / "annotations" / f"instances_{split}.json").write_text(json.dumps(tiny_instances()))
-    train, test = detection_data.coco_sources(str(tmp_path))
+    train, test = coco.coco_sources(str(tmp_path))
     assert len(train) == len(test) == 2
     assert train[0]["image"].shape == (40, 60, 3) and train[0]["image"][0, 0, 0] == 9
     config = default.get_config()  # what python -m train reads with --config.dataset=coco
     config.update(dict(task="detection", dataset="coco", data_dir=str(tmp_path), image_size=32))
-    data = input_pipeline.create_dataset(config)
-    input_pipeline.check_dataset(data)
+    data = create_dataset(config)
+    pipeline.check_dataset(data)
     assert (data.num_classes, data.image_shape, data.class_names) == (2, (32, 32, 3), ("three", "seven"))
     record = data.test_transform(data.test[0])
     np.testing.assert_allclose(record["boxes"][:2], [[5 * 32 / 60, 10 * 32 / 60, 15 * 32 / 60, 30 * 32 / 60],
@@ -141,13 +142,13 @@ def test_instances_files_and_the_coco_layout(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"images": []}))
     with pytest.raises(ValueError, match="lacks the COCO key 'annotations'"):
-        detection_data.read_instances(str(bad))
+        coco.read_instances(str(bad))
     bad.write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
-        detection_data.read_instances(str(bad))
+        coco.read_instances(str(bad))
     with pytest.raises(FileNotFoundError):
-        detection_data.read_instances(str(tmp_path / "missing.json"))
-    size_mismatch = detection_data.CocoSource(tiny_instances(), lambda entry: np.zeros((10, 10, 3), np.uint8))
+        coco.read_instances(str(tmp_path / "missing.json"))
+    size_mismatch = coco.CocoSource(tiny_instances(), lambda entry: np.zeros((10, 10, 3), np.uint8))
     with pytest.raises(ValueError, match="instances say 60x40"):
         size_mismatch[0]
 
@@ -161,7 +162,7 @@ def test_resize_pad_flip_keeps_boxes_on_their_pixels():
     record["image_id"] = np.int32(5)
     flips = 0
     for seed in range(8):
-        out = detection_data.resize_pad(record, np.random.default_rng(seed), size=50, max_boxes=3)
+        out = coco.resize_pad(record, np.random.default_rng(seed), size=50, max_boxes=3)
         assert out["image"].shape == (50, 50, 3) and out["scale"] == 0.5
         bright = out["image"][..., 0] > 0.5 * out["image"].max()
         rows, cols = np.nonzero(bright)
@@ -172,21 +173,21 @@ def test_resize_pad_flip_keeps_boxes_on_their_pixels():
         np.testing.assert_array_equal(out["classes"], [2, 0, 0])
         assert np.all(out["image"][30:] == 0)  # padding below the 25-pixel-high resized image (mean 0)
     assert 0 < flips < 8
-    test = detection_data.resize_pad(record, None, size=50, max_boxes=3)
+    test = coco.resize_pad(record, None, size=50, max_boxes=3)
     np.testing.assert_allclose(test["boxes"][0], [5, 30, 15, 45])
     with pytest.raises(ValueError, match="more than max_boxes=0"):
-        detection_data.resize_pad(record, None, size=50, max_boxes=0)
+        coco.resize_pad(record, None, size=50, max_boxes=0)
 
 
 def test_detection_dataset_wiring_and_record_checks(shape_set):
-    source = detection_data.CocoSource(shape_set.instances, lambda entry: shape_set.images[entry["id"] - 1])
-    data = input_pipeline.detection((source, source), 96, 6)
-    input_pipeline.check_dataset(data)
+    source = coco.CocoSource(shape_set.instances, lambda entry: shape_set.images[entry["id"] - 1])
+    data = coco.detection_dataset((source, source), 96, 6)
+    pipeline.check_dataset(data)
     assert data.num_classes == 3 and data.image_shape == (96, 96, 3) and data.max_boxes == 6
     record = data.test_transform(source[0])
     record["classes"] = np.where(record["valid"], 3, 0).astype(np.int32)
     with pytest.raises(ValueError, match="not all in \\[0, 3\\)"):
-        input_pipeline.check_record(record, split="test", data=data)
+        pipeline.check_record(record, split="test", data=data)
 
 
 def test_coco_ap_agrees_with_a_hand_computed_case():

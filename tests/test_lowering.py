@@ -23,7 +23,9 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding, 
 from aacn_jax import functional as F
 from aacn_jax import models
 from benchmarks.attention import PAPER_SHAPES
-from train import tasks, train
+from train import loop
+from train import state as train_state
+from train.tasks import classification
 
 KERNEL_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 BATCH = 128
@@ -186,7 +188,7 @@ def test_train_step_lowers_to_the_fused_kernel(name, batch, size, attention_size
     image_shape = (size, size, 3)
     mesh = _data_mesh()
     state = jax.eval_shape(
-        lambda: train.create_state(jax.random.key(0), model=model, tx=tx, image_shape=image_shape)
+        lambda: train_state.create_state(jax.random.key(0), model=model, tx=tx, image_shape=image_shape)
     )
     state = jax.tree.map(lambda x: _sharded(x, mesh, PartitionSpec()), state)
     batch_arrays = {
@@ -195,10 +197,10 @@ def test_train_step_lowers_to_the_fused_kernel(name, batch, size, attention_size
     }
     batch_arrays = jax.tree.map(lambda x: _sharded(x, mesh, PartitionSpec("data")), batch_arrays)
     step = functools.partial(
-        train.train_step,
+        loop.train_step,
         rng=jax.random.key(0),
         lr_fn=lambda s: 0.1,
-        loss_fn=functools.partial(tasks.classification_loss, label_smoothing=0.1),
+        loss_fn=functools.partial(classification.classification_loss, label_smoothing=0.1),
     )
     text = _export(step, (state, batch_arrays), platform, mesh)
     # Layers of one shape share their kernels' lowering: three calls (forward and backward) per map size.

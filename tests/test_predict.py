@@ -17,8 +17,9 @@ from PIL import Image
 
 import train
 from tests.train_helpers import REPO, subprocess_env
-from train import input_pipeline, predict, run_record
+from train import inference, run_record
 from train.configs import default
+from train.data import digits
 
 HELD_OUT = 50
 # Runs the artifact with the repository's packages made unimportable: JAX alone must do.
@@ -54,7 +55,7 @@ def workdir(trained_digits):
 def held_out_pictures(tmp_path_factory):
     """The first test digits as PNG files (0..16 scaled to 0..255) and their labels."""
     folder = tmp_path_factory.mktemp("pictures")
-    test = input_pipeline.digits().test
+    test = digits.digits().test
     paths, labels = [], []
     for index in range(HELD_OUT):
         record = test[index]
@@ -83,7 +84,7 @@ def test_predict_classifies_held_out_digits_and_exports_what_jax_alone_runs(
     accuracy = np.mean(np.array(predicted) == np.array(labels))
     assert accuracy >= 0.95, accuracy
 
-    images = predict.prepare(str(workdir), paths[:batch])
+    images = inference.prepare(str(workdir), paths[:batch])
     np.save(tmp_path / "images.npy", images)
     outside = subprocess.run(
         [sys.executable, "-I", "-c", ARTIFACT_RUNNER, str(artifact), "images.npy", "logits.npy"],

@@ -12,13 +12,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from tests import train_helpers as helpers
-from train import input_pipeline
-from train import same_different as sd
+from train.data import REGISTRY, create_dataset, pipeline, read_picture, same_different
+from train.data import same_different as sd
 
 
 @pytest.fixture(scope="module")
 def registered():
-    return input_pipeline.create_dataset(helpers.tiny_config({"dataset": "same_different"}))
+    return create_dataset(helpers.tiny_config({"dataset": "same_different"}))
 
 
 def test_glyph_table():
@@ -153,13 +153,13 @@ def test_bad_arguments_are_named(args, message):
 def test_training_pipeline_accepts_it(registered, tmp_path):
     data = registered
     assert (data.num_classes, data.image_shape, data.class_names) == (2, (16, 16, 3), ("different", "same"))
-    input_pipeline.check_dataset(data)
-    assert "same_different" in input_pipeline.DATASETS
+    pipeline.check_dataset(data)
+    assert "same_different" in REGISTRY
     # The normalisation constants are the training split's per-channel statistics.
     pixels = data.train.images.reshape(-1, 3).astype(np.float64)
-    np.testing.assert_allclose(input_pipeline.SAME_DIFFERENT_MEAN, pixels.mean(0), atol=0.006)
-    np.testing.assert_allclose(input_pipeline.SAME_DIFFERENT_STD, pixels.std(0), atol=0.006)
-    mean, std = np.float32(input_pipeline.SAME_DIFFERENT_MEAN), np.float32(input_pipeline.SAME_DIFFERENT_STD)
+    np.testing.assert_allclose(same_different.MEAN, pixels.mean(0), atol=0.006)
+    np.testing.assert_allclose(same_different.STD, pixels.std(0), atol=0.006)
+    mean, std = np.float32(same_different.MEAN), np.float32(same_different.STD)
     image = data.test.images[0]
     record = data.test_transform(data.test[0])
     np.testing.assert_allclose(record["image"] * std + mean, image, atol=1e-4)
@@ -173,12 +173,10 @@ def test_training_pipeline_accepts_it(registered, tmp_path):
             next(f for f in (False, True) if np.allclose(restored, image[:, ::-1] if f else image, atol=1e-4))
         )
     assert flips == {False, True}
-    batch = next(input_pipeline.train_iterator(data, batch_size=8, seed=0))
+    batch = next(pipeline.train_iterator(data, batch_size=8, seed=0))
     assert batch["image"].shape == (8, 16, 16, 3) and batch["label"].shape == (8,)
     # A picture of a test image, prepared for prediction, is the test transform's image.
     Image.fromarray(image).save(tmp_path / "picture.png")
-    picture = input_pipeline.picture_transform("same_different", 224)(str(tmp_path / "picture.png"))
+    picture = read_picture("same_different", 224, str(tmp_path / "picture.png"))
     np.testing.assert_array_equal(picture, record["image"])
-    np.testing.assert_array_equal(
-        input_pipeline.evaluation_transform("same_different", 224)(data.test[0])["image"], record["image"]
-    )
+    np.testing.assert_array_equal(same_different.TEST_TRANSFORM(data.test[0])["image"], record["image"])

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from tests import train_helpers as helpers
-from train import train
+from train import state as train_state
 
 RECIPES = {
     "default": "aa_resnet_cifar",
@@ -47,7 +47,7 @@ def test_every_recipe_file_is_tested():
 def test_recipe_builds_its_model(name):
     config = load_config(name)
     assert config.model == RECIPES[name]
-    model = train.create_model(config, num_classes=100)  # the registry accepts the recipe's overrides
+    model = train_state.create_model(config, num_classes=100)  # the registry accepts the recipe's overrides
     assert (model.num_classes, model.dtype) == (100, jnp.dtype(config.dtype))
     assert config.batch_size % 8 == 0  # fits 8-device hosts
 
@@ -55,7 +55,7 @@ def test_recipe_builds_its_model(name):
 def test_cifar100_recipe_steps_the_learning_rate_at_epochs_60_120_160():
     config = load_config("cifar100_aa_wrn28_10")
     steps_per_epoch = 50_000 // config.batch_size  # 390
-    lr_fn = train.create_learning_rate_fn(config, steps_per_epoch, 200 * steps_per_epoch)
+    lr_fn = train_state.create_learning_rate_fn(config, steps_per_epoch, 200 * steps_per_epoch)
     rates = [float(lr_fn(epoch * steps_per_epoch)) for epoch in (0, 59, 60, 119, 120, 160, 199)]
     np.testing.assert_allclose(rates, [0.1, 0.1, 0.02, 0.02, 0.004, 0.0008, 0.0008], rtol=1e-5)
     assert (config.weight_decay, config.momentum, config.nesterov, config.dataset) == (
@@ -70,7 +70,7 @@ def test_imagenet_recipe_warms_up_to_the_linearly_scaled_rate_then_decays_to_zer
     config = load_config("imagenet_aa_resnet50")
     steps_per_epoch = 1_281_167 // config.batch_size  # 312
     total = 90 * steps_per_epoch
-    lr_fn = train.create_learning_rate_fn(config, steps_per_epoch, total)
+    lr_fn = train_state.create_learning_rate_fn(config, steps_per_epoch, total)
     peak_step = 5 * steps_per_epoch
     assert float(lr_fn(0)) == 0.0
     assert float(lr_fn(peak_step // 2)) == pytest.approx(0.8, rel=1e-2)
@@ -82,7 +82,7 @@ def test_imagenet_recipe_warms_up_to_the_linearly_scaled_rate_then_decays_to_zer
 def test_coco_recipe_warms_up_for_an_epoch_then_steps_down_at_epochs_8_and_11():
     config = load_config("coco_aa_retinanet_resnet50")
     steps_per_epoch = 118_287 // config.batch_size  # COCO 2017 train, batch 64: 1848
-    lr_fn = train.create_learning_rate_fn(config, steps_per_epoch, 12 * steps_per_epoch)
+    lr_fn = train_state.create_learning_rate_fn(config, steps_per_epoch, 12 * steps_per_epoch)
     rates = [float(lr_fn(round(epoch * steps_per_epoch))) for epoch in (0, 0.5, 1, 7.9, 8, 10.9, 11, 11.9)]
     np.testing.assert_allclose(rates, [0.0, 0.04, 0.08, 0.08, 0.008, 0.008, 0.0008, 0.0008], rtol=1e-3)
     assert (config.task, config.dataset, config.image_size, config.weight_decay) == (
@@ -105,12 +105,12 @@ def test_shapes_twins_differ_only_in_the_backbones_attention():
 
 def test_weight_decay_applies_to_conv_and_dense_kernels_only():
     config = helpers.tiny_config({"weight_decay": 0.5})
-    model = train.create_model(config, 10)
+    model = train_state.create_model(config, 10)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False))[
         "params"
     ]
     params = jax.tree.map(lambda p: jnp.ones(p.shape, p.dtype), params)
-    tx = train.create_optimizer(config, optax.constant_schedule(1.0))
+    tx = train_state.create_optimizer(config, optax.constant_schedule(1.0))
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     decayed = {
         jax.tree_util.keystr(path): bool(jnp.any(u != 0))

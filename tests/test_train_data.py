@@ -3,18 +3,19 @@ the determinism, shuffling and padding of the grain streams. Nothing here touche
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import http.server
 import pathlib
-import urllib.error
-import urllib.request
+import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests import train_helpers as helpers
-from train import input_pipeline
+from train.data import cifar, create_dataset, dataset, digits, download, pipeline, read_picture, transforms
 
 CIFAR_URL = {
     "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -25,7 +26,7 @@ CIFAR_URL = {
 def pretend_official(monkeypatch, data_dir, name: str) -> pathlib.Path:
     """Make the synthetic tarball of ``name`` in ``data_dir`` pass the md5 check; its path."""
     archive = data_dir / CIFAR_URL[name].rsplit("/", 1)[1]
-    monkeypatch.setitem(input_pipeline.CIFAR[name], "md5", hashlib.md5(archive.read_bytes()).hexdigest())
+    monkeypatch.setitem(cifar.FILES[name], "md5", hashlib.md5(archive.read_bytes()).hexdigest())
     return archive
 
 
@@ -36,7 +37,7 @@ def test_cifar_tarball_in_the_official_format_loads(tmp_path, monkeypatch, name)
     )
     pretend_official(monkeypatch, tmp_path, name)
     config = helpers.tiny_config({"dataset": name, "data_dir": str(tmp_path), "download": False})
-    data = input_pipeline.create_dataset(config)
+    data = create_dataset(config)
     assert data.num_classes == (10 if name == "cifar10" else 100)
     assert data.class_names == tuple(f"class {i}" for i in range(data.num_classes))
     assert data.image_shape == (32, 32, 3)
@@ -48,7 +49,7 @@ def test_cifar_tarball_in_the_official_format_loads(tmp_path, monkeypatch, name)
     # Test images are only normalised; training images are a shifted, maybe flipped, crop.
     image = test_x[0].astype(np.float32)
     record = data.test_transform(data.test[0])
-    mean, std = np.float32(input_pipeline.CIFAR_MEAN), np.float32(input_pipeline.CIFAR_STD)
+    mean, std = np.float32(cifar.MEAN), np.float32(cifar.STD)
     np.testing.assert_allclose(record["image"] * std + mean, image, atol=1e-4)
     augmented = data.train_transform(data.test[0], np.random.default_rng(3))["image"] * std + mean
     padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
@@ -63,7 +64,7 @@ def test_cifar_tarball_in_the_official_format_loads(tmp_path, monkeypatch, name)
     assert not np.allclose(augmented, image, atol=1e-3)  # this rng does move the image
     # A picture of a test image, prepared for prediction, is the test transform's image.
     Image.fromarray(test_x[0]).save(tmp_path / "picture.png")
-    picture = input_pipeline.picture_transform(name, 224)(str(tmp_path / "picture.png"))
+    picture = read_picture(name, 224, str(tmp_path / "picture.png"))
     np.testing.assert_array_equal(picture, record["image"])
 
 
@@ -77,50 +78,83 @@ def test_corrupt_cifar_tarball_is_named_with_its_md5(tmp_path, monkeypatch, dama
     else:
         payload[100] ^= 1
     archive.write_bytes(payload)
-    actual, expected = hashlib.md5(payload).hexdigest(), input_pipeline.CIFAR["cifar100"]["md5"]
+    actual, expected = hashlib.md5(payload).hexdigest(), cifar.FILES["cifar100"]["md5"]
     config = helpers.tiny_config({"dataset": "cifar100", "data_dir": str(tmp_path), "download": False})
     with pytest.raises(
         ValueError,
         match=rf"{archive} is corrupt or truncated \(md5 {actual}, expected {expected}\): delete it",
     ):
-        input_pipeline.create_dataset(config)
+        create_dataset(config)
 
 
-def test_download_checks_md5_and_offline_errors_name_file_and_url(tmp_path, monkeypatch):
-    url, archive = CIFAR_URL["cifar10"], tmp_path / "cifar-10-python.tar.gz"
+@contextlib.contextmanager
+def http_server(stall: threading.Event):
+    """A local HTTP server: ``/payload`` is ``b"payload"``, ``/stall`` sends its headers and then nothing
+    until ``stall`` is set, anything else is 404. Yields its base URL."""
 
-    def offline(url, filename):
-        raise urllib.error.URLError("no network in tests")
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path not in ("/payload", "/stall"):
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "7")
+            self.end_headers()
+            if self.path == "/stall":
+                self.wfile.flush()
+                stall.wait(10)
+            self.wfile.write(b"payload")
 
-    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
-    with pytest.raises(FileNotFoundError, match=rf"{archive} not found and downloading failed.*{url}"):
-        input_pipeline.fetch(str(tmp_path), url, "0" * 32, download=True)
+        def log_message(self, *args):
+            pass
 
-    def serve(url, filename):
-        with open(filename, "wb") as f:
-            f.write(b"payload")
-
-    monkeypatch.setattr(urllib.request, "urlretrieve", serve)
-    with pytest.raises(ValueError, match=r"downloaded with md5 .*expected 0{32}"):
-        input_pipeline.fetch(str(tmp_path), url, "0" * 32, download=True)
-    assert list(tmp_path.iterdir()) == []  # nothing half-downloaded is left behind
-    md5 = hashlib.md5(b"payload").hexdigest()
-    assert input_pipeline.fetch(str(tmp_path), url, md5, download=True) == str(archive)
-    assert archive.read_bytes() == b"payload"
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        stall.set()
+        server.shutdown()
+        server.server_close()
 
 
-def _indexed_dataset(count: int) -> input_pipeline.Dataset:
+def test_download_checks_md5_and_names_file_url_and_cause_of_a_failure(tmp_path, monkeypatch):
+    """A real transfer from a local server: a wrong md5, a 404 and a stalled server are each one clear
+    error with nothing left behind; a good transfer lands under its own name."""
+    monkeypatch.setattr(download, "STALL_SECONDS", 0.5)
+    with http_server(threading.Event()) as base:
+        with pytest.raises(ValueError, match=r"downloaded with md5 .*expected 0{32}"):
+            download.fetch(str(tmp_path), f"{base}/payload", "0" * 32, download=True)
+        assert list(tmp_path.iterdir()) == []
+        missing = tmp_path / "missing"
+        with pytest.raises(
+            FileNotFoundError, match=rf"{missing} not found and downloading failed \(HTTP Error 404"
+        ):
+            download.fetch(str(tmp_path), f"{base}/missing", "0" * 32, download=True)
+        stalled = tmp_path / "stall"
+        with pytest.raises(
+            FileNotFoundError, match=rf"{stalled} not found and downloading failed \(no data for 0.5 s\)"
+        ):
+            download.fetch(str(tmp_path), f"{base}/stall", "0" * 32, download=True)
+        assert list(tmp_path.iterdir()) == []  # nothing half-downloaded is left behind
+        md5 = hashlib.md5(b"payload").hexdigest()
+        assert download.fetch(str(tmp_path), f"{base}/payload", md5, download=True) == str(
+            tmp_path / "payload"
+        )
+    assert (tmp_path / "payload").read_bytes() == b"payload"
+
+
+def _indexed_dataset(count: int) -> dataset.Dataset:
     """Records whose image and label are their index."""
-    source = input_pipeline.ArraySource(
-        np.arange(count, dtype=np.uint8)[:, None, None, None], np.arange(count)
-    )
-    identity = functools.partial(input_pipeline.normalize, mean=(0.0,), std=(1.0,))
-    return input_pipeline.Dataset(
+    source = dataset.ArraySource(np.arange(count, dtype=np.uint8)[:, None, None, None], np.arange(count))
+    identity = functools.partial(transforms.normalize, mean=(0.0,), std=(1.0,))
+    return dataset.Dataset(
         source,
         source,
         num_classes=count,
         image_shape=(1, 1, 1),
-        train_transform=functools.partial(input_pipeline.without_augmentation, transform=identity),
+        train_transform=functools.partial(transforms.without_augmentation, transform=identity),
         test_transform=identity,
     )
 
@@ -129,7 +163,7 @@ def test_training_stream_is_reshuffled_each_epoch_and_deterministic_given_the_se
     data = _indexed_dataset(10)
 
     def labels(seed, batches=10):
-        iterator = input_pipeline.train_iterator(data, batch_size=2, seed=seed)
+        iterator = pipeline.train_iterator(data, batch_size=2, seed=seed)
         return np.concatenate([next(iterator)["label"] for _ in range(batches)])
 
     first = labels(seed=0)
@@ -140,7 +174,7 @@ def test_training_stream_is_reshuffled_each_epoch_and_deterministic_given_the_se
 
 
 def test_test_batches_cover_every_record_once_with_padding_masked():
-    batches = list(input_pipeline.test_batches(_indexed_dataset(10), batch_size=4))
+    batches = list(pipeline.test_batches(_indexed_dataset(10), batch_size=4))
     assert [len(b["label"]) for b in batches] == [4, 4, 4]  # 10 records padded to 12
     mask = np.concatenate([b["mask"] for b in batches])
     labels = np.concatenate([b["label"] for b in batches])
@@ -149,11 +183,11 @@ def test_test_batches_cover_every_record_once_with_padding_masked():
 
 
 def test_digits_split_is_fixed_and_stratified():
-    data = input_pipeline.digits()
+    data = digits.digits()
     assert (len(data.train), len(data.test), data.num_classes, data.image_shape) == (1437, 360, 10, (8, 8, 1))
     test_labels = [data.test[i]["label"] for i in range(len(data.test))]
     assert np.bincount(test_labels).min() >= 35  # about 36 of each class
-    np.testing.assert_array_equal(input_pipeline.digits().test.images, data.test.images)
+    np.testing.assert_array_equal(digits.digits().test.images, data.test.images)
 
 
 def test_imagenet_folder_tree_is_decoded_cropped_and_labelled(tmp_path):
@@ -165,16 +199,16 @@ def test_imagenet_folder_tree_is_decoded_cropped_and_labelled(tmp_path):
                 pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.JPEG")
     config = helpers.tiny_config({"dataset": "imagenet", "data_dir": str(tmp_path), "image_size": 16})
-    data = input_pipeline.create_dataset(config)
+    data = create_dataset(config)
     assert (data.num_classes, data.image_shape, len(data.train), len(data.test)) == (2, (16, 16, 3), 4, 4)
     assert [data.train[i]["label"] for i in range(4)] == [0, 0, 1, 1]
     assert data.class_names == ("n01", "n02")
-    picture = input_pipeline.picture_transform("imagenet", 16)(data.test[0]["image"])
+    picture = read_picture("imagenet", 16, data.test[0]["image"])
     np.testing.assert_array_equal(picture, data.test_transform(data.test[0])["image"])
-    batch = next(input_pipeline.train_iterator(data, batch_size=4, seed=0))
+    batch = next(pipeline.train_iterator(data, batch_size=4, seed=0))
     assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.float32
     assert sorted(batch["label"]) == [0, 0, 1, 1]
-    again = next(input_pipeline.train_iterator(data, batch_size=4, seed=0))
+    again = next(pipeline.train_iterator(data, batch_size=4, seed=0))
     np.testing.assert_array_equal(batch["image"], again["image"])
-    (test_batch,) = list(input_pipeline.test_batches(data, batch_size=4))
+    (test_batch,) = list(pipeline.test_batches(data, batch_size=4))
     assert test_batch["image"].shape == (4, 16, 16, 3) and list(test_batch["mask"]) == [1, 1, 1, 1]

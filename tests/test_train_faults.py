@@ -1,14 +1,18 @@
-"""Fault injection: ``python -m train`` in a subprocess, killed (SIGKILL) during steps, during
-asynchronous checkpoint writes and at random moments, several times in a row, or stopped by
-SIGTERM / SIGINT; the same command restarted each time. The run must end with exactly the state of
-an uninterrupted run, always resume from the latest complete checkpoint (never a half-written
-one) and keep one metrics record per step."""
+"""Fault injection. ``python -m train`` in a subprocess, killed (SIGKILL) while an asynchronous
+checkpoint write is half done, right after a step and during start-up, and stopped by SIGTERM, the
+same command restarted each time; in-process runs for what can be planted or raised: a half-written
+checkpoint on disk, an old checkpoint half deleted, a save that fails, SIGINT inside a step, an
+error in a grain worker. A run must end with exactly the state of an uninterrupted run, always
+resume from the latest complete checkpoint (never a half-written one) and keep one metrics record
+per step."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import random
+import multiprocessing
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +24,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests import train_helpers as helpers
-from train import checkpoint
+from train import checkpoint, loop, sharding
+from train.data import digits
 
 # 24 steps of the tiny model, a checkpoint every 4 steps (written in ~0.2 s, steps take ~20 ms).
 FLAGS = helpers.cli_flags({"num_train_steps": 24, "checkpoint_every_steps": 4, "max_checkpoints_to_keep": 2})
@@ -139,54 +144,154 @@ def check_restart_and_finish(workdir, uninterrupted, kills: list[str]) -> None:
         np.testing.assert_array_equal(value, uninterrupted[name], err_msg=f"{name} after kills {kills}")
 
 
-def test_sigkill_during_checkpoint_writes(tmp_path, uninterrupted):
-    """Five SIGKILLs, each while the first or second checkpoint of a run is being written."""
-    workdir = tmp_path / "run"
-    kills, half_written = [], 0
-    for nth_save in (1, 2, 1, 2, 2):
-        run = Run(workdir)
-        target = run.resumed_from + nth_save * EVERY
+def kill_while_writing(run: Run, nth_save: int) -> str:
+    """SIGKILL ``run`` while its ``nth_save``-th checkpoint write is incomplete. The process is frozen
+    (SIGSTOP) as soon as the write's temporary directory appears and killed only if the write is still
+    incomplete then; otherwise it goes on (SIGCONT) to the next save. Deterministic: no timing window."""
+    target = run.resumed_from + nth_save * EVERY
+    while True:
         run.wait_for(functools.partial(run.new_write, target))
-        run.kill()
-        incomplete = run.new_write(target)  # still a temporary directory: killed before it was complete
-        half_written += incomplete
-        kills.append(
-            f"writing step {target} (resumed from {run.resumed_from}, left incomplete: {incomplete})"
-        )
-        if run.resumed_from:
-            assert f"Resuming from the checkpoint of step {run.resumed_from}" in run.output(), kills
-    assert half_written >= 2, kills  # kills did land while the checkpoint was incomplete
-    check_restart_and_finish(workdir, uninterrupted, kills)
+        run.process.send_signal(signal.SIGSTOP)
+        if run.new_write(target):  # frozen with the checkpoint half written
+            run.kill()
+            return f"writing step {target} (resumed from {run.resumed_from})"
+        run.process.send_signal(signal.SIGCONT)
+        target += EVERY
 
 
-def test_sigkill_during_steps_and_at_random_moments(tmp_path, uninterrupted):
-    """Six SIGKILLs: right after a random step's metrics were written, or after a random delay from
-    the start (in start-up, compilation, restoring, a step or a save)."""
-    workdir, rng, kills = tmp_path / "run", random.Random(0), []
-    for kind in ("step", "delay", "step", "delay", "step", "step"):
-        run = Run(workdir)
-        if kind == "step":  # a step no earlier run logged, so only this run can log it
-            step = min(max([run.resumed_from, *logged_steps(workdir)]) + rng.randint(1, 4), NUM_STEPS - 1)
-            run.wait_for(lambda step=step: step in logged_steps(workdir))
-            kills.append(f"after step {step} (resumed from {run.resumed_from})")
-        else:
-            delay = rng.uniform(1.0, 7.0)
-            time.sleep(delay)
-            kills.append(f"{delay:.1f} s after the start (resumed from {run.resumed_from})")
-        run.kill()
-    check_restart_and_finish(workdir, uninterrupted, kills)
-
-
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_sigint_save_and_exit_0(tmp_path, uninterrupted, signum):
-    workdir = tmp_path / "run"
+def test_sigkill_and_sigterm_at_every_kind_of_moment(tmp_path, uninterrupted):
+    """One real signal per kind of moment, the same workdir restarted after each: SIGKILL with a
+    checkpoint half written, right after a step's metrics were written, during start-up (compiling or
+    restoring), and SIGTERM (saves the current step and exits 0)."""
+    workdir, kills = tmp_path / "run", []
     run = Run(workdir)
-    run.wait_for(lambda: 6 in logged_steps(workdir))
-    run.process.send_signal(signum)
-    assert run.process.wait(timeout=120) == 0, run.output()[-3000:]
-    output = run.output()
+    kills.append(kill_while_writing(run, 2))
+    assert complete_steps(workdir) == [EVERY]  # the half-written second checkpoint does not count
+
+    run = Run(workdir)
+    step = run.resumed_from + EVERY + 1  # a step no earlier run logged: only this run can log it
+    run.wait_for(lambda: step in logged_steps(workdir))
+    run.kill()
+    kills.append(f"after step {step} (resumed from {run.resumed_from})")
+    assert f"Resuming from the checkpoint of step {run.resumed_from}" in run.output()
+
+    run = Run(workdir)
+    step = max(logged_steps(workdir)) + 2
+    run.wait_for(lambda: step in logged_steps(workdir))
+    run.kill(signal.SIGTERM)
     stopped_at = max(logged_steps(workdir))
-    assert f"Stopped by {signal.Signals(signum).name} after step {stopped_at}" in output
-    assert "Final test" not in output
+    assert run.process.returncode == 0, run.output()[-3000:]
+    assert f"Stopped by SIGTERM after step {stopped_at}" in run.output() and "Final test" not in run.output()
     assert complete_steps(workdir)[-1] == stopped_at and writes(workdir) == {}  # saved synchronously
-    check_restart_and_finish(workdir, uninterrupted, [f"{signal.Signals(signum).name} at step {stopped_at}"])
+    kills.append(f"SIGTERM at step {stopped_at}")
+
+    run = Run(workdir)
+    run.wait_for(lambda: "Resuming from" in run.output())
+    run.kill()  # restored, compiling the step: before any new step
+    kills.append(f"during start-up (resumed from {run.resumed_from})")
+    check_restart_and_finish(workdir, uninterrupted, kills)
+
+
+# In-process runs: 12 steps of the tiny model on the 4 simulated devices of the test process.
+IN_PROCESS = {"num_train_steps": 12, "checkpoint_every_steps": 4, "max_checkpoints_to_keep": 2}
+
+
+def run_in_process(workdir, **overrides):
+    return loop.train_and_evaluate(helpers.tiny_config({**IN_PROCESS, **overrides}), str(workdir))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_in_process(tmp_path_factory):
+    return flat(run_in_process(tmp_path_factory.mktemp("in_process") / "run"))
+
+
+def flat(state) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def assert_same_state(state, expected: dict[str, np.ndarray]) -> None:
+    actual = flat(state)
+    assert actual.keys() == expected.keys()
+    for name, value in actual.items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
+def test_half_written_and_half_deleted_checkpoints_on_disk(tmp_path, uninterrupted_in_process, capsys):
+    """What a kill leaves behind, planted: the newest checkpoint still a temporary directory (killed
+    while writing) and the oldest with files missing (killed while Orbax deleted it). The restart
+    resumes from the newest complete checkpoint, removes both, and ends as if never interrupted."""
+    workdir = tmp_path / "run"
+    run_in_process(workdir, max_checkpoints_to_keep=3)
+    folder = checkpoint_dir(workdir)
+    (folder / "12").rename(folder / f"12{TMP_SUFFIX}-1700000000")  # as if killed while saving step 12
+    half_deleted = folder / "4"
+    for path in sorted(half_deleted.rglob("*"), reverse=True)[: len(list(half_deleted.rglob("*"))) // 2]:
+        path.unlink() if path.is_file() else shutil.rmtree(path)
+    capsys.readouterr()
+    state = run_in_process(workdir)  # keeps 2: saving step 12 deletes step 4
+    assert "Resuming from the checkpoint of step 8" in capsys.readouterr().out
+    assert_same_state(state, uninterrupted_in_process)
+    assert writes(workdir) == {} and complete_steps(workdir) == [8, 12]
+
+
+def test_a_save_that_fails_stops_the_run_and_the_restart_resumes(
+    tmp_path, uninterrupted_in_process, monkeypatch
+):
+    workdir = tmp_path / "run"
+    save = checkpoint.save
+
+    def failing_save(manager, step, *args, **kwargs):
+        if step == 8:
+            raise OSError(28, "No space left on device")
+        save(manager, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", failing_save)
+    with pytest.raises(OSError, match="No space left on device"):
+        run_in_process(workdir)
+    assert complete_steps(workdir) == [4]
+    monkeypatch.setattr(checkpoint, "save", save)
+    assert_same_state(run_in_process(workdir), uninterrupted_in_process)
+
+
+def test_sigint_inside_a_step_saves_that_step_and_the_restart_resumes(
+    tmp_path, uninterrupted_in_process, capsys, monkeypatch
+):
+    """SIGINT raised while step 6 runs (as Ctrl-C would): the run saves step 6 synchronously, says so,
+    skips the final evaluation, returns; run again, it ends as if never stopped."""
+    workdir, calls = tmp_path / "run", []
+    global_batch = sharding.global_batch
+
+    def batch_then_interrupt(batch, mesh):
+        calls.append(1)
+        if len(calls) == 6:
+            signal.raise_signal(signal.SIGINT)
+        return global_batch(batch, mesh)
+
+    monkeypatch.setattr(sharding, "global_batch", batch_then_interrupt)
+    state = run_in_process(workdir)
+    output = capsys.readouterr().out
+    assert int(state.step) == 6 and "Stopped by SIGINT after step 6" in output and "Final test" not in output
+    assert complete_steps(workdir)[-1] == 6 and writes(workdir) == {}
+    monkeypatch.setattr(sharding, "global_batch", global_batch)
+    assert_same_state(run_in_process(workdir), uninterrupted_in_process)
+
+
+def test_an_error_in_a_grain_worker_stops_the_run_with_that_error(tmp_path):
+    """A transform that raises inside a grain worker process: the run stops with the worker's error
+    (not a hang), before any checkpoint."""
+    data = digits.digits()
+    broken = dataclasses.replace(
+        data, train_transform=functools.partial(raise_in_worker, transform=data.train_transform)
+    )
+    config = helpers.tiny_config({**IN_PROCESS, "data_workers": 1})
+    with pytest.raises(Exception, match="record 5 cannot be read"):
+        loop.train_and_evaluate(config, str(tmp_path / "run"), data=broken)
+    assert complete_steps(tmp_path / "run") == []
+
+
+def raise_in_worker(record, rng, *, transform):
+    """``transform``, except for the record with label 5 read by a worker process (not the check of
+    the first record, which runs in the training process)."""
+    if multiprocessing.parent_process() is not None and int(record["label"]) == 5:
+        raise ValueError("record 5 cannot be read")
+    return transform(record, rng)

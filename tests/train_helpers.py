@@ -137,11 +137,11 @@ def two_process_worker(port: int, process_id: int, workdir: str, num_steps: int 
     )
     from absl import logging
 
-    from train import train
+    from train import loop
 
     logging.set_verbosity(logging.WARNING)
     config = tiny_config({"model": "resnet_cifar", "num_train_steps": num_steps})
-    state = train.train_and_evaluate(config, workdir)
+    state = loop.train_and_evaluate(config, workdir)
     np.savez(os.path.join(workdir, f"params_{process_id}.npz"), **flat_params(state.params))
     jax.distributed.shutdown()
 

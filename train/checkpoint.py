@@ -20,6 +20,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from train.errors import WorkdirError
+
 
 def saved_steps(workdir: str) -> list[int]:
     """Steps of the complete checkpoints in ``workdir`` (read without creating anything)."""
@@ -88,7 +90,7 @@ def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def check_compatible(manager: ocp.CheckpointManager, abstract_state: Any) -> None:
-    """Raise ValueError listing the arrays whose shapes or dtypes differ between the latest
+    """Raise WorkdirError listing the arrays whose shapes or dtypes differ between the latest
     checkpoint and ``abstract_state`` (a checkpoint of another model or config)."""
     step = manager.latest_step()
     saved, expected = _shapes(manager.item_metadata(step)["state"]), _shapes(abstract_state)
@@ -105,7 +107,7 @@ def check_compatible(manager: ocp.CheckpointManager, abstract_state: Any) -> Non
     if problems:  # the parameters first: optimizer state and BatchNorm statistics follow from them
         listed = "\n  ".join(sorted(problems, key=lambda p: (not p.startswith("params/"), p))[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ValueError(
+        raise WorkdirError(
             f"the checkpoint of step {step} in {manager.directory} is not of this model and config "
             f"({len(problems)} arrays differ):\n  {listed}{more}\nUse the config it was trained with, or "
             "another --workdir to start a new run."

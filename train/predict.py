@@ -6,7 +6,7 @@ box ``(x1, y1, x2, y2)`` in the picture's pixels, and ``--draw DIR`` also writes
 its boxes drawn on it to ``DIR`` (PNG). The rest of this text is about classification runs.
 
 Each PNG or JPEG (any size) is prepared as the run's test transform prepares its images
-(``input_pipeline.picture_transform``), the model of the workdir's latest checkpoint (or
+(``train.inference.prepare``), the model of the workdir's latest checkpoint (or
 ``--step``) classifies them in jitted batches, and the top classes are printed with their
 probabilities and, where the data set has them, names. ``--export PATH`` also writes the inference
 function with its weights as a ``jax.export`` artifact (StableHLO for ``--export_platform``: cpu,
@@ -27,80 +27,28 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax import export
 from PIL import Image, ImageDraw, ImageFont
 
-from aacn_jax import detection
-from train import checkpoint, detection_data, input_pipeline, run_record
-from train.detection import find_objects
-from train.detection_data import picture_box
-from train.loading import load
+from train import checkpoint, run_record
+from train.data.coco import picture_box
+from train.inference import (
+    classify,
+    detector,
+    export_inference,
+    load,
+    padded_batches,
+    prepare,
+    prepare_detection,
+)
 
 EXPORT_PLATFORMS = ("cpu", "tpu", "cuda")
 DRAW_SIZE = 512  # --draw enlarges pictures smaller than this by a whole factor
-# The Pallas Triton kernel of the fused attention is a custom call jax.export does not vouch for.
-_TRITON_CALL = "__gpu$xla.gpu.triton"
-
-
-def prepare(workdir: str, paths: Sequence[str]) -> np.ndarray:
-    """``[N, H, W, C]`` float32 model inputs from picture files, as the run's test transform does."""
-    dataset = run_record.read_dataset(workdir)
-    transform = input_pipeline.picture_transform(dataset["dataset"], dataset["image_size"])
-    return np.stack([transform(path) for path in paths])
-
-
-def export_inference(
-    model: nn.Module, variables: Any, image_shape: Sequence[int], batch: int, platform: str = "cpu"
-) -> export.Exported:
-    """``images [batch, *image_shape] -> logits [batch, classes]`` with the weights inside, for one
-    platform."""
-    infer = jax.jit(lambda images: model.apply(variables, images, train=False))
-    images = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
-    checks = [export.DisabledSafetyCheck.custom_call(_TRITON_CALL)]
-    return export.export(infer, platforms=[platform], disabled_checks=checks)(images)
-
-
-def prepare_detection(paths: Sequence[str], image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``([N, S, S, 3] model inputs, [N] scales)``: each picture resized and padded as the test images of
-    a detection run (``detection_data.resize_pad``); a model's boxes divided by the scale are in the
-    picture's pixels."""
-    images, scales = [], []
-    for path in paths:
-        with Image.open(path) as picture:
-            pixels = np.asarray(picture.convert("RGB"))
-        record = {"image": pixels, "boxes": np.zeros((0, 4), np.float32), "classes": np.zeros(0, np.int32)}
-        prepared = detection_data.resize_pad({**record, "image_id": 0}, None, size=image_size, max_boxes=0)
-        images.append(prepared["image"])
-        scales.append(prepared["scale"])
-    return np.stack(images), np.asarray(scales, np.float32)
-
-
-def detector(model: nn.Module, settings: Any, image_size: int, min_score: float) -> Any:
-    """Jitted ``(variables, images) -> Detections``: the run's post-processing settings, scores above
-    ``min_score``."""
-    anchors = model.anchor_boxes((image_size, image_size))
-    size = (image_size, image_size)
-
-    def run(variables: Any, images: jax.Array) -> detection.Detections:
-        outputs: Any = model.apply(variables, images, train=False)
-        return find_objects(outputs, anchors, size, settings, score_threshold=min_score)
-
-    return jax.jit(run)
-
-
-def padded_batches(images: np.ndarray, batch: int) -> Iterator[tuple[int, np.ndarray]]:
-    """``(start, images[start : start + batch])``, the last one padded with zero images to ``batch``
-    (one compiled shape for every call)."""
-    for start in range(0, len(images), batch):
-        chunk = images[start : start + batch]
-        yield start, np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
 
 
 def class_name(class_id: int, class_names: Sequence[str]) -> str:
@@ -257,12 +205,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         except RuntimeError as error:  # JAX 0.12 lowers the GPU Triton kernel only on a GPU machine
             _fail(f"--export_platform {args.export_platform}: {error}: export on a machine with one")
         artifact = exported.serialize()
-    probabilities = jax.jit(lambda v, x: jax.nn.softmax(jnp.asarray(model.apply(v, x, train=False))))
-    for start, padded in padded_batches(images, batch):
-        names = args.images[start : start + batch]
-        rows = np.asarray(probabilities(variables, padded))[: len(names)]
-        for path, text in zip(names, top_classes(rows, dataset["class_names"], args.top), strict=True):
-            print(f"{path}: {text}")
+    rows = classify(model, variables, images, batch)
+    for path, text in zip(args.images, top_classes(rows, dataset["class_names"], args.top), strict=True):
+        print(f"{path}: {text}")
     if args.export:
         with open(args.export, "wb") as file:
             file.write(artifact)

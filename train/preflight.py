@@ -4,7 +4,6 @@ the config's keys and values, and a workdir that can hold the checkpoints."""
 from __future__ import annotations
 
 import difflib
-import errno
 import os
 import shutil
 from typing import Any
@@ -15,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from train.configs import default
+from train.errors import InputError, WorkdirError
 
 CHOICES = {
     "task": ("classification", "detection"),
@@ -46,26 +46,26 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         hints = [
             f"{key!r}" + (f" (did you mean {close[key][0]!r}?)" if close[key] else "") for key in unknown
         ]
-        raise ValueError(
+        raise InputError(
             f"unknown config key(s) {', '.join(hints)}; train/configs/default.py defines every key"
         )
     if missing := sorted(known - given):
-        raise ValueError(
+        raise InputError(
             f"config lacks key(s) {missing}: build configs on train/configs/default.get_config()"
         )
     for key, choices in CHOICES.items():
         if config[key] not in choices:
-            raise ValueError(f"{key}={config[key]!r} must be one of {choices}")
+            raise InputError(f"{key}={config[key]!r} must be one of {choices}")
     for key in POSITIVE:
         if config[key] <= 0:
-            raise ValueError(f"{key}={config[key]} must be positive")
+            raise InputError(f"{key}={config[key]} must be positive")
     if config.max_checkpoints_to_keep < 1:
-        raise ValueError(f"max_checkpoints_to_keep={config.max_checkpoints_to_keep} must be at least 1")
+        raise InputError(f"max_checkpoints_to_keep={config.max_checkpoints_to_keep} must be at least 1")
     if config.max_skipped_steps < 0:
-        raise ValueError(f"max_skipped_steps={config.max_skipped_steps} must be >= 0")
+        raise InputError(f"max_skipped_steps={config.max_skipped_steps} must be >= 0")
     check_detection(config.detection)
     if not jnp.issubdtype(jnp.dtype(config.dtype), jnp.floating):
-        raise ValueError(
+        raise InputError(
             f"dtype={config.dtype!r} must be a floating-point type, e.g. 'float32' or 'bfloat16'"
         )
 
@@ -74,16 +74,16 @@ def check_detection(settings: ml_collections.ConfigDict) -> None:
     """ValueError for ``config.detection`` values out of range (checked for every task: cheap)."""
     for key in DETECTION_POSITIVE:
         if settings[key] < 1:
-            raise ValueError(f"detection.{key}={settings[key]} must be >= 1")
+            raise InputError(f"detection.{key}={settings[key]} must be >= 1")
     if not 0 <= settings.background_iou <= settings.foreground_iou <= 1:
-        raise ValueError(
+        raise InputError(
             f"detection.background_iou={settings.background_iou} and detection.foreground_iou="
             f"{settings.foreground_iou} must satisfy 0 <= background_iou <= foreground_iou <= 1"
         )
     if not 0 <= settings.nms_iou <= 1:
-        raise ValueError(f"detection.nms_iou={settings.nms_iou} must be in [0, 1]")
+        raise InputError(f"detection.nms_iou={settings.nms_iou} must be in [0, 1]")
     if settings.max_detections > settings.pre_nms_top_k:
-        raise ValueError(
+        raise InputError(
             f"detection.max_detections={settings.max_detections} must be <= detection.pre_nms_top_k="
             f"{settings.pre_nms_top_k}"
         )
@@ -106,16 +106,14 @@ def check_workdir(workdir: str, *, checkpoint_bytes: int, checkpoints_to_write: 
             os.fsync(f.fileno())
         os.remove(probe)
     except OSError as error:
-        raise OSError(
-            error.errno,
+        raise WorkdirError(
             f"the workdir {workdir} is not writable ({error.strerror}): choose another --workdir",
         ) from error
     free = shutil.disk_usage(workdir).free
     needed = round(checkpoint_bytes * checkpoints_to_write * FREE_SPACE_MARGIN)
     if free < needed:
         mib = 2**20
-        raise OSError(
-            errno.ENOSPC,
+        raise WorkdirError(
             f"the workdir {workdir} has {free / mib:.1f} MiB free, but this run writes up to "
             f"{checkpoints_to_write} more checkpoints of {checkpoint_bytes / mib:.1f} MiB: free some space, "
             "lower --config.max_checkpoints_to_keep, or choose another --workdir",

@@ -14,6 +14,8 @@ from typing import Any
 
 import ml_collections
 
+from train.errors import WorkdirError
+
 CONFIG_FILE, DATASET_FILE = "config.json", "dataset.json"
 # The keys that define the model and its inputs: a resumed run must not change them. (The
 # attention implementation computes the same function: a run may resume on another platform.)
@@ -24,7 +26,7 @@ FREE_OVERRIDES = ("attention_implementation",)
 def write_or_check(
     workdir: str, config: ml_collections.ConfigDict, dataset: dict[str, Any], *, write: bool = True
 ) -> None:
-    """Record the run in a new workdir (if ``write``); in a recorded one, raise ValueError if it is
+    """Record the run in a new workdir (if ``write``); in a recorded one, raise WorkdirError if it is
     another run."""
     path = os.path.join(workdir, CONFIG_FILE)
     if os.path.exists(path):
@@ -32,7 +34,7 @@ def write_or_check(
         changed = [key for key in IDENTITY_KEYS if _plain(recorded.get(key)) != _plain(config.get(key))]
         if changed:
             differences = ", ".join(f"{key}: {recorded.get(key)!r} -> {config.get(key)!r}" for key in changed)
-            raise ValueError(
+            raise WorkdirError(
                 f"workdir {workdir} holds another run ({differences}; recorded in {path}): "
                 "use another --workdir, or the recorded values to resume it"
             )

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from aacn_jax.functional import resize_relative_table
+from train.inference import load
+from train.state import TrainState
 
 RELATIVE_TABLES = ("rel_h", "rel_w")
 
@@ -55,8 +57,6 @@ def _adopt(target: Any, source: Any, collection: str) -> tuple[Any, int, int]:
 def warm_start(params: Any, batch_stats: Any, workdir: str) -> tuple[Any, Any, str]:
     """``(params, batch_stats)`` with the weights of the run in ``workdir`` adopted (module docstring),
     and a one-line summary; ValueError when nothing matches."""
-    from train.loading import load  # here: train.loading imports train.train, which imports this module
-
     _, variables, config = load(workdir)
     source_params, source_stats = variables["params"], variables.get("batch_stats", {})
     into_backbone = "backbone" in params and "backbone" not in source_params
@@ -77,3 +77,14 @@ def warm_start(params: Any, batch_stats: Any, workdir: str) -> tuple[Any, Any, s
         "initial values"
     )
     return new_params, new_stats, summary
+
+
+def start_from(state: TrainState, workdir: str, state_sharding: Any, *, verbose: bool) -> TrainState:
+    """``state`` with the parameters and BatchNorm statistics of the run in ``workdir`` adopted
+    (:func:`warm_start`); the optimizer state stays fresh."""
+    params, batch_stats, summary = warm_start(
+        jax.device_get(state.params), jax.device_get(state.batch_stats), workdir
+    )
+    if verbose:
+        print(summary, flush=True)
+    return jax.device_put(state.replace(params=params, batch_stats=batch_stats), state_sharding)

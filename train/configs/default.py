@@ -17,10 +17,10 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # Task: "classification" (labels, cross-entropy, top-1/top-5) or "detection" (boxes: a RetinaNet
-    # model from the registry, focal + box loss, COCO AP by pycocotools; train/detection.py).
+    # model from the registry, focal + box loss, COCO AP by pycocotools; train/tasks/detection.py).
     config.task = "classification"
 
-    # Data (train/input_pipeline.py).
+    # Data (train/data/).
     config.dataset = "digits"  # digits | same_different | cifar10 | cifar100 | imagenet | coco | shapes
     config.data_dir = "data"  # CIFAR tarballs / ImageNet tree or TFDS directory / COCO 2017 layout
     config.download = True  # fetch missing CIFAR tarballs (md5-checked)

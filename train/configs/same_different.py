@@ -9,7 +9,7 @@ Expected: chance for this plain ResNet-8: measured 48.45% test top-1 on the 2000
 Time: 54 s wall on a 2-core CPU (1500 steps of batch 64, compilation included; 23 ms per step
   after compilation, 210 ms for aa_resnet_cifar).
 
-The data set (train/same_different.py): 4000 training / 2000 test 16x16 RGB images generated in
+The data set (train/data/same_different.py): 4000 training / 2000 test 16x16 RGB images generated in
 memory, two 3x3 glyphs out of 8 with centres at least 8 pixels apart, two 2x2 distractors, dim
 noise, random colours. Recipe: the default config's optimiser (SGD, Nesterov momentum 0.9,
 learning rate 0.1 at batch 64, cosine decay, weight decay 5e-4) for a fixed 1500 steps (24

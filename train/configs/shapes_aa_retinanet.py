@@ -5,7 +5,7 @@ Command: python -m train --config train/configs/shapes_aa_retinanet.py  (workdir
 Expected: see README (measured held-out COCO AP50 and AP on the 500 test images).
 Time: see README (2-core CPU).
 
-The data set (train/shapes.py): 2000 training / 500 test 128x128 images of circles, squares and
+The data set (train/data/shapes.py): 2000 training / 500 test 128x128 images of circles, squares and
 triangles, 10-40 pixels across, in random colours on clutter; COCO-format boxes, evaluated by
 pycocotools. Model: RetinaNet P3-P5 (strides 8-32; the objects fit anchors of 16-64 pixels:
 anchor_scale 2), 64-channel pyramid and two-convolution subnets, on a ResNet of one basic block per

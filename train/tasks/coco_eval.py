@@ -15,7 +15,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from train.detection_data import picture_box
+from train.data.coco import picture_box
 
 # COCOeval.stats, in order: AP at IoU .50:.95, .50, .75; AP of small, medium, large objects;
 # AR with 1, 10, 100 detections per image; AR of small, medium, large objects.

@@ -1,15 +1,9 @@
-"""What differs between classification and detection in the training loop, as one :class:`Task` value.
-
-The loop (``train/train.py``) is the same for both: it asks the task for the loss of the model's
-outputs on a batch (inside the jitted step), for the per-batch evaluation outputs (jitted), how to
-turn every test batch's outputs into results, and how to say the results in one line.
-"""
+"""The classification task: cross-entropy against (smoothed) labels in training, top-1 and top-5 in
+evaluation."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,22 +12,7 @@ import ml_collections
 import numpy as np
 import optax
 
-Batch = dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """Attributes:
-    loss_fn: ``(model outputs, batch) -> (loss, metrics)``, differentiable, inside the train step.
-    eval_step: ``(state, batch) -> outputs``, jitted; its outputs are replicated to every process.
-    finish: ``[host copies of every test batch's outputs] -> results`` (floats by name).
-    headline: ``results -> str``, the final line's summary.
-    """
-
-    loss_fn: Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]]
-    eval_step: Callable[[Any, Batch], dict[str, jax.Array]]
-    finish: Callable[[list[dict[str, np.ndarray]]], dict[str, float]]
-    headline: Callable[[dict[str, float]], str]
+from train.tasks.task import Batch, Task
 
 
 def correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
@@ -79,7 +58,8 @@ def classification_headline(results: dict[str, float]) -> str:
     return f"top-1 {results['top1']:.2%} (top-5 {results['top5']:.2%}, loss {results['loss']:.4f})"
 
 
-def classification_task(config: ml_collections.ConfigDict) -> Task:
+def classification_task(config: ml_collections.ConfigDict, model: Any, data: Any) -> Task:
+    del model, data  # any classifier, any classification data set
     return Task(
         functools.partial(classification_loss, label_smoothing=config.label_smoothing),
         classification_eval_step,

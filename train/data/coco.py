@@ -1,10 +1,10 @@
-"""Detection data in COCO's format: the ``coco`` folder layout and the synthetic ``shapes`` set.
+"""Detection data in COCO's format: the ``coco`` data set and what every COCO-format set shares.
 
 * ``coco``: ``data_dir/annotations/instances_{train,val}2017.json`` and the images in
   ``data_dir/{train,val}2017/`` (COCO 2017's official layout; any data set in COCO's format laid out
   the same way works). Read with PIL, one image per record, by grain workers.
-* ``shapes``: ``train/shapes.py``, 128x128 synthetic images generated in memory (2000 training
-  images, seed 0; 500 test images, seed 1).
+* ``shapes`` (``train/data/shapes.py``) is COCO-format too and goes through the same sources and
+  transforms.
 
 An instances file is checked when it is read, with one clear error naming the image or annotation:
 a box outside its image (by more than ``BOX_TOLERANCE`` pixels; within it, the box is clipped), a
@@ -31,29 +31,29 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import ml_collections
 import numpy as np
 from PIL import Image
 
-from train import shapes
+from train.data.dataset import Dataset, Entry, Record
+from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from train.errors import InputError, MissingDataError
 
-Record = dict[str, Any]
-IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 BOX_TOLERANCE = 1.0  # pixels a COCO box may reach past its image (rounding in the annotations)
-SHAPES_SIZE, SHAPES_TRAIN, SHAPES_TEST = 128, 2000, 500
 
 
 def read_instances(path: str) -> dict[str, Any]:
     """A COCO instances JSON file as a dict; FileNotFoundError / ValueError saying what is wrong."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no COCO instances file {path}")
+        raise MissingDataError(f"no COCO instances file {path}")
     with open(path) as file:
         try:
             instances = json.load(file)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error})") from error
+            raise InputError(f"{path} is not valid JSON ({error})") from error
     for key in ("images", "annotations", "categories"):
         if not isinstance(instances, dict) or not isinstance(instances.get(key), list):
-            raise ValueError(f"{path} lacks the COCO key {key!r} (a list): not an instances file")
+            raise InputError(f"{path} lacks the COCO key {key!r} (a list): not an instances file")
     return instances
 
 
@@ -61,7 +61,7 @@ def category_ids(instances: dict[str, Any]) -> tuple[int, ...]:
     """The sorted category ids; class ``c`` of the model is category ``category_ids(...)[c]``."""
     ids = sorted(int(category["id"]) for category in instances["categories"])
     if not ids or len(set(ids)) != len(ids):
-        raise ValueError(f"the instances declare category ids {ids}: need at least one, each once")
+        raise InputError(f"the instances declare category ids {ids}: need at least one, each once")
     return tuple(ids)
 
 
@@ -79,13 +79,13 @@ def _image_boxes(
     for annotation in annotations:
         where = f"annotation id {annotation.get('id')} of image id {image['id']}"
         if annotation.get("category_id") not in classes:
-            raise ValueError(
+            raise InputError(
                 f"{where} has category_id {annotation.get('category_id')!r}, which the instances do not "
                 f"declare (declared: {sorted(classes)})"
             )
         bbox = annotation.get("bbox")
         if not isinstance(bbox, list) or len(bbox) != 4 or not np.all(np.isfinite(np.asarray(bbox, float))):
-            raise ValueError(f"{where} has bbox {bbox!r}: must be [x, y, width, height] of finite numbers")
+            raise InputError(f"{where} has bbox {bbox!r}: must be [x, y, width, height] of finite numbers")
         x, y, w, h = (float(v) for v in bbox)
         if (
             w < 0
@@ -94,7 +94,7 @@ def _image_boxes(
             or y < -BOX_TOLERANCE
             or (x + w > width + BOX_TOLERANCE or y + h > height + BOX_TOLERANCE)
         ):
-            raise ValueError(
+            raise InputError(
                 f"{where} has bbox {bbox} (x, y, width, height), outside its {width}x{height} image "
                 f"(by more than {BOX_TOLERANCE} pixel) or of negative size: fix the annotation"
             )
@@ -123,7 +123,7 @@ class CocoSource:
         by_image: dict[int, list[dict[str, Any]]] = {image["id"]: [] for image in images}
         for annotation in self.instances["annotations"]:
             if annotation.get("image_id") not in by_image:
-                raise ValueError(
+                raise InputError(
                     f"annotation id {annotation.get('id')} refers to image_id "
                     f"{annotation.get('image_id')!r}, which the instances do not list"
                 )
@@ -139,7 +139,7 @@ class CocoSource:
         entry = self.instances["images"][index]
         image = self.load_image(entry)
         if image.shape != (entry["height"], entry["width"], 3):
-            raise ValueError(
+            raise InputError(
                 f"image id {entry['id']} ({entry.get('file_name')}) is {image.shape[1]}x{image.shape[0]}, "
                 f"but the instances say {entry['width']}x{entry['height']}"
             )
@@ -151,11 +151,6 @@ def load_file(entry: dict[str, Any], *, image_dir: str) -> np.ndarray:
     """The RGB pixels of ``image_dir/file_name``."""
     with Image.open(os.path.join(image_dir, entry["file_name"])) as image:
         return np.asarray(image.convert("RGB"))
-
-
-def load_array(entry: dict[str, Any], *, images: np.ndarray) -> np.ndarray:
-    """Image id ``i`` is ``images[i - 1]`` (the ``shapes`` set)."""
-    return images[entry["id"] - 1]
 
 
 def resize_pad(
@@ -171,7 +166,7 @@ def resize_pad(
     to ``size x size`` and the boxes to ``max_boxes`` (see the module docstring)."""
     image, boxes, classes = record["image"], record["boxes"], record["classes"]
     if len(boxes) > max_boxes:
-        raise ValueError(
+        raise InputError(
             f"image id {int(record['image_id'])} has {len(boxes)} boxes, more than max_boxes={max_boxes}: "
             "raise --config.max_boxes"
         )
@@ -229,17 +224,33 @@ def coco_sources(data_dir: str) -> tuple[CocoSource, CocoSource]:
         instances = read_instances(os.path.join(data_dir, "annotations", f"instances_{split}.json"))
         image_dir = os.path.join(data_dir, split)
         if not os.path.isdir(image_dir):
-            raise FileNotFoundError(f"no image folder {image_dir} (COCO 2017 layout: data_dir/{split}/*.jpg)")
+            raise MissingDataError(f"no image folder {image_dir} (COCO 2017 layout: data_dir/{split}/*.jpg)")
         sources.append(CocoSource(instances, functools.partial(load_file, image_dir=image_dir)))
     if category_ids(sources[0].instances) != category_ids(sources[1].instances):
-        raise ValueError("the training and validation instances declare different categories")
+        raise InputError("the training and validation instances declare different categories")
     return sources[0], sources[1]
 
 
-def shapes_sources() -> tuple[CocoSource, CocoSource]:
-    """The ``shapes`` set's training (seed 0) and test (seed 1) sources."""
-    sources = []
-    for count, seed in ((SHAPES_TRAIN, 0), (SHAPES_TEST, 1)):
-        data = shapes.generate(count, seed=seed, size=SHAPES_SIZE)
-        sources.append(CocoSource(data.instances, functools.partial(load_array, images=data.images)))
-    return sources[0], sources[1]
+def detection_dataset(sources: tuple[CocoSource, CocoSource], image_size: int, max_boxes: int) -> Dataset:
+    """A detection data set of COCO-format training and test sources, at ``image_size x image_size``."""
+    train, test = sources
+    transform = functools.partial(resize_pad, size=image_size, max_boxes=max_boxes)
+    return Dataset(
+        train,
+        test,
+        num_classes=len(category_ids(train.instances)),
+        image_shape=(image_size, image_size, 3),
+        train_transform=transform,
+        test_transform=functools.partial(transform, rng=None),
+        class_names=class_names(train.instances),
+        task="detection",
+        max_boxes=max_boxes,
+    )
+
+
+def create(config: ml_collections.ConfigDict) -> Dataset:
+    sources = coco_sources(os.path.expanduser(config.data_dir))
+    return detection_dataset(sources, config.image_size, config.detection.max_boxes)
+
+
+ENTRY = Entry(create)

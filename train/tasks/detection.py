@@ -19,8 +19,10 @@ import ml_collections
 import numpy as np
 
 from aacn_jax import detection
-from train import coco_eval, detection_data
-from train.tasks import Batch, Task
+from train.data import coco
+from train.errors import InputError
+from train.tasks import coco_eval
+from train.tasks.task import Batch, Task
 
 
 def detection_loss(
@@ -99,7 +101,7 @@ def detection_eval_step(
 
 def coco_results(outputs: list[dict[str, np.ndarray]], *, instances: dict[str, Any]) -> dict[str, float]:
     """COCO AP and AR (pycocotools) of every test batch's detections against ``instances``."""
-    ids = detection_data.category_ids(instances)
+    ids = coco.category_ids(instances)
     results = []
     for output in outputs:
         results += coco_eval.to_coco_results(
@@ -121,18 +123,19 @@ def detection_headline(results: dict[str, float]) -> str:
     )
 
 
-def detection_task(settings: ml_collections.ConfigDict, model: Any, data: Any) -> Task:
-    """The detection :class:`~train.tasks.Task` of a RetinaNet ``model`` on a COCO-format ``data`` set."""
+def detection_task(config: ml_collections.ConfigDict, model: Any, data: Any) -> Task:
+    """The detection :class:`~train.tasks.task.Task` of a RetinaNet ``model`` on a COCO-format ``data``
+    set, with the run's ``config.detection`` settings."""
     if not hasattr(model, "anchor_boxes"):
-        raise ValueError(
+        raise InputError(
             "task='detection' needs a detection model (e.g. 'aa_retinanet_resnet50'), "
             f"got {type(model).__name__}"
         )
-    if not isinstance(data.test, detection_data.CocoSource):
+    if not isinstance(data.test, coco.CocoSource):
         raise ValueError("task='detection' evaluates against COCO-format test instances (a CocoSource)")
     image_size = tuple(data.image_shape[:2])
     anchors = model.anchor_boxes(image_size)
-    plain = settings.to_dict()
+    plain = config.detection.to_dict()
     return Task(
         functools.partial(detection_loss, anchors=anchors, settings=plain),
         functools.partial(detection_eval_step, anchors=anchors, image_size=image_size, settings=plain),

@@ -36,6 +36,9 @@ on-pixels (5) and colours are independent of the label, so colour and intensity 
 The glyph set is closed under left-right mirroring (four symmetric glyphs and two mirror pairs),
 so a horizontally flipped image is again an image of this data set with the same label: the
 training pipeline's flip augmentation stays within the distribution.
+
+As a data set (:func:`same_different`): 4000 training images (seed 0) and 2000 test images (seed 1)
+of 16x16, generated in memory; training augmentation: a random horizontal flip.
 """
 
 from __future__ import annotations
@@ -43,7 +46,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import ml_collections
 import numpy as np
+
+from train.data.dataset import ArraySource, Dataset, Entry
+from train.data.transforms import flip_normalize, normalize, resized_picture
 
 # K = 8 glyphs, 3x3, 5 on-pixels each, no 2x2 solid block (a distractor's shape) inside any of them.
 _GLYPH_ROWS = (
@@ -142,3 +149,48 @@ def generate(num_images: int, seed: int, size: int = 16) -> Sample:
             row, col = _place_distractor(blocked, rng)
             image[row : row + d, col : col + d] = colours[i, 2 + k]
     return Sample(images=images, labels=labels, glyphs=glyphs, corners=corners)
+
+
+DATASET_SIZE, TRAIN_IMAGES, TEST_IMAGES = 16, 4000, 2000
+# Per-channel mean and standard deviation of every pixel of the training split
+# (generate(4000, seed=0), 0..255 scale), computed once with float64 numpy;
+# tests/test_same_different.py recomputes them.
+MEAN, STD = (31.07, 31.05, 31.08), (43.53, 43.44, 43.52)
+TEST_TRANSFORM = functools.partial(normalize, mean=MEAN, std=STD)
+
+
+def same_different() -> Dataset:
+    """The data set of :func:`generate`'s images: label 1 ("same") when the image's two glyphs are the
+    same pattern.
+
+    Training augmentation: a random horizontal flip. Flipping the whole image mirrors both glyphs
+    alike, so same stays same and different stays different, and the glyph set is closed under
+    mirroring, so a flipped image is an image of the data set itself (twice the distinct training
+    images at no cost). Crops are left out: they could cut a glyph in half near the border.
+    """
+    train = generate(TRAIN_IMAGES, seed=0, size=DATASET_SIZE)
+    test = generate(TEST_IMAGES, seed=1, size=DATASET_SIZE)
+    return Dataset(
+        ArraySource(train.images, train.labels),
+        ArraySource(test.images, test.labels),
+        num_classes=2,
+        image_shape=(DATASET_SIZE, DATASET_SIZE, 3),
+        train_transform=functools.partial(flip_normalize, mean=MEAN, std=STD),
+        test_transform=TEST_TRANSFORM,
+        class_names=("different", "same"),
+    )
+
+
+def read_picture(path: str, image_size: int) -> np.ndarray:
+    """Any picture as RGB resized to 16x16."""
+    del image_size  # always 16x16
+    pixels = resized_picture(path, mode="RGB", size=DATASET_SIZE, scale=1.0)
+    return TEST_TRANSFORM({"image": pixels, "label": 0})["image"]
+
+
+def create(config: ml_collections.ConfigDict) -> Dataset:
+    del config  # nothing to configure
+    return same_different()
+
+
+ENTRY = Entry(create, read_picture)

@@ -1,138 +1,33 @@
 """The training loop: one jitted, data-parallel step over every device, Orbax checkpoints, metrics.
 
-Data flows one way: config -> mesh -> input pipeline -> model (from the registry) -> train state
--> jitted step -> metrics + checkpoints. Read :func:`train_and_evaluate` first; :func:`train_step`
-and the task's evaluation step are the pure functions it jits (bound to config values with
-``functools.partial``, never closing over the config). What differs between classification and
-detection (the loss, the evaluation and its results) is one :class:`train.tasks.Task` value.
+Data flows one way: config -> mesh -> data set (``train.data``) -> model and train state
+(``train.state``) -> jitted step (the task's loss, ``train.tasks``) -> metrics + checkpoints. Read
+:func:`train_and_evaluate` first; :func:`train_step` and the task's evaluation step are the pure
+functions it jits (bound to config values with ``functools.partial``, never closing over the config).
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from flax.training import train_state
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from aacn_jax import models
-from train import (
-    checkpoint,
-    detection,
-    input_pipeline,
-    metrics,
-    preemption,
-    preflight,
-    run_record,
-    sharding,
-    warm_start,
-)
-from train.tasks import Task, classification_task
-
-
-class TrainState(train_state.TrainState):
-    """Flax's train state (step, params, optimizer and its state) plus BatchNorm statistics and the
-    number of updates skipped for non-finite values (``nonfinite_policy='skip'``)."""
-
-    batch_stats: Any
-    skipped_steps: jax.Array
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    """``config.model`` from the registry; ``config.dtype`` is the compute dtype (params stay float32)."""
-    overrides = config.model_overrides.to_dict()
-    return models.create(config.model, num_classes=num_classes, dtype=jnp.dtype(config.dtype), **overrides)
-
-
-def create_learning_rate_fn(
-    config: ml_collections.ConfigDict, steps_per_epoch: int, num_steps: int
-) -> optax.Schedule:
-    """Linear warm-up to the peak rate, then cosine decay to 0 or step decay.
-
-    The peak is ``learning_rate * batch_size / base_batch_size`` (linear scaling, Goyal et al. 2017).
-    """
-    peak = config.learning_rate * config.batch_size / config.base_batch_size
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    if warmup_steps >= num_steps:
-        raise ValueError(
-            f"warmup_epochs={config.warmup_epochs} is {warmup_steps} steps, not fewer than the run's "
-            f"{num_steps} steps: lower --config.warmup_epochs"
-        )
-    if config.lr_schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, num_steps)
-    if config.lr_schedule == "step":  # boundaries at absolute epochs, counted from the end of warm-up
-        decays = {
-            round(e * steps_per_epoch) - warmup_steps: config.lr_decay_factor for e in config.lr_decay_epochs
-        }
-        warmup = optax.linear_schedule(0.0, peak, warmup_steps)
-        return optax.join_schedules([warmup, optax.piecewise_constant_schedule(peak, decays)], [warmup_steps])
-    raise ValueError(f"lr_schedule={config.lr_schedule!r} must be 'cosine' or 'step'")
-
-
-def decay_mask(params: Any) -> Any:
-    """True for convolution and dense kernels (leaves named ``kernel``): the weights that are decayed.
-
-    Biases, BatchNorm scales and offsets and the relative position tables are not decayed.
-    """
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
-
-
-def create_optimizer(
-    config: ml_collections.ConfigDict, lr_fn: optax.Schedule
-) -> optax.GradientTransformation:
-    """SGD with (Nesterov) momentum and L2 weight decay on the kernels (added to the gradient)."""
-    return optax.chain(
-        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
-        optax.sgd(lr_fn, momentum=config.momentum, nesterov=config.nesterov),
-    )
-
-
-def create_state(
-    rng: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation, image_shape: Sequence[int]
-) -> TrainState:
-    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    return TrainState.create(
-        apply_fn=model.apply,
-        params=variables["params"],
-        tx=tx,
-        batch_stats=variables["batch_stats"],
-        skipped_steps=jnp.zeros((), jnp.int32),
-    )
-
-
-def start_from(state: TrainState, workdir: str, state_sharding: Any, *, verbose: bool) -> TrainState:
-    """``state`` with the parameters and BatchNorm statistics of the run in ``workdir`` adopted
-    (:func:`train.warm_start.warm_start`); the optimizer state stays fresh."""
-    params, batch_stats, summary = warm_start.warm_start(
-        jax.device_get(state.params), jax.device_get(state.batch_stats), workdir
-    )
-    if verbose:
-        print(summary, flush=True)
-    return jax.device_put(state.replace(params=params, batch_stats=batch_stats), state_sharding)
-
-
-def create_task(config: ml_collections.ConfigDict, model: nn.Module, data: input_pipeline.Dataset) -> Task:
-    """The :class:`~train.tasks.Task` ``config.task`` names; ValueError if ``data`` is of the other kind."""
-    is_detection = data.max_boxes > 0
-    if (config.task == "detection") != is_detection:
-        kind = "detection" if is_detection else "classification"
-        raise ValueError(
-            f"task={config.task!r}, but dataset={config.dataset!r} is a {kind} data set: "
-            f"set --config.task={kind}"
-        )
-    if is_detection:
-        return detection.detection_task(config.detection, model, data)
-    return classification_task(config)
+from train import checkpoint, metrics, preemption, preflight, run_record, sharding, warm_start
+from train.data import create_dataset, pipeline
+from train.data.dataset import Dataset
+from train.errors import InputError
+from train.state import TrainState, create_learning_rate_fn, create_model, create_optimizer, create_state
+from train.tasks import create_task
 
 
 def train_step(
@@ -146,7 +41,7 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch; BatchNorm statistics are over the global batch.
 
-    ``loss_fn(model outputs, batch) -> (loss, metrics)`` is the task's (:class:`~train.tasks.Task`);
+    ``loss_fn(model outputs, batch) -> (loss, metrics)`` is the task's (:class:`~train.tasks.task.Task`);
     its metrics join the step's.
 
     Dropout (where a model has it) draws from ``fold_in(rng, step)``: a resumed run repeats it exactly.
@@ -293,10 +188,10 @@ def train_loop(
     return state
 
 
-def dataset_record(config: ml_collections.ConfigDict, data: input_pipeline.Dataset) -> dict[str, Any]:
+def dataset_record(config: ml_collections.ConfigDict, data: Dataset) -> dict[str, Any]:
     """What ``dataset.json`` keeps of the data set: enough to prepare and name new images."""
     return {
-        "task": config.task,
+        "task": data.task,
         "dataset": config.dataset,
         "image_size": config.image_size,
         "num_classes": data.num_classes,
@@ -310,12 +205,12 @@ def train_and_evaluate(
     workdir: str,
     *,
     eval_only: bool = False,
-    data: input_pipeline.Dataset | None = None,
+    data: Dataset | None = None,
 ) -> TrainState:
     """Train as ``config`` says, resuming from the latest checkpoint in ``workdir``; evaluate at the end.
 
     With ``eval_only``, evaluate the latest checkpoint without training. ``data`` replaces the data set
-    named by ``config.dataset`` (any :class:`train.input_pipeline.Dataset`). Returns the final state, or,
+    named by ``config.dataset`` (any :class:`train.data.dataset.Dataset`). Returns the final state, or,
     when SIGTERM or SIGINT stopped the run early, the state of the checkpoint just saved (without
     the final evaluation). Every process runs this same function; only process 0 writes metrics and
     the progress bar.
@@ -325,7 +220,7 @@ def train_and_evaluate(
     if config.distributed:
         jax.distributed.initialize()
     if config.batch_size % jax.device_count():
-        raise ValueError(
+        raise InputError(
             f"batch_size={config.batch_size} must be divisible by the number of devices, "
             f"{jax.device_count()} ({jax.local_device_count()} on each of {jax.process_count()} processes)"
         )
@@ -340,12 +235,12 @@ def _train_and_evaluate_on(
     config: ml_collections.ConfigDict,
     workdir: str,
     eval_only: bool,
-    data: input_pipeline.Dataset | None,
+    data: Dataset | None,
     start_time: float,
 ) -> TrainState:
     """:func:`train_and_evaluate` once the mesh is made."""
-    data = data or input_pipeline.create_dataset(config)
-    input_pipeline.check_dataset(data)
+    data = data or create_dataset(config)
+    pipeline.check_dataset(data)
     model = create_model(config, data.num_classes)
     task = create_task(config, model, data)
     steps_per_epoch = len(data.train) // config.batch_size
@@ -368,7 +263,7 @@ def _train_and_evaluate_on(
             task.eval_step, in_shardings=(state_sharding, batch_sharded), out_shardings=replicated
         ),
         finish=task.finish,
-        batches=input_pipeline.test_batches(data, batch_size=config.batch_size, workers=config.data_workers),
+        batches=pipeline.test_batches(data, batch_size=config.batch_size, workers=config.data_workers),
         mesh=mesh,
     )
 
@@ -387,16 +282,19 @@ def _train_and_evaluate_on(
             f"images, {data.num_classes} classes) on {devices}, workdir {workdir}",
             flush=True,
         )
+    record = dataset_record(config, data)
+    if jax.process_index() == 0:  # checked before the manager makes its folder in another run's workdir
+        run_record.write_or_check(workdir, config, record, write=False)
     manager = checkpoint.create_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
     # Closing the manager waits for the asynchronous saves, also when training stops with an error.
     with manager, metrics.MetricWriter(workdir) as writer:
         if manager.latest_step() is not None:
             checkpoint.check_compatible(manager, abstract_state)
         if jax.process_index() == 0:
-            run_record.write_or_check(workdir, config, dataset_record(config, data), write=not eval_only)
+            run_record.write_or_check(workdir, config, record, write=not eval_only)
         if eval_only:
             if manager.latest_step() is None:
-                raise FileNotFoundError(f"--eval_only: no checkpoint in {manager.directory}")
+                raise InputError(f"--eval_only: no checkpoint in {manager.directory}: train first")
             state = checkpoint.restore(manager, abstract_state)
         else:
             p_train_step = jax.jit(
@@ -412,13 +310,15 @@ def _train_and_evaluate_on(
                 donate_argnums=0,
             )
             with preemption.StopRequests() as stop:
-                train_iter = input_pipeline.train_iterator(
+                train_iter = pipeline.train_iterator(
                     data, batch_size=config.batch_size, seed=config.seed, workers=config.data_workers
                 )
                 if manager.latest_step() is None:
                     state = jax.jit(init, out_shardings=state_sharding)(init_rng)
                     if config.init_from:
-                        state = start_from(state, config.init_from, state_sharding, verbose=writer.active)
+                        state = warm_start.start_from(
+                            state, config.init_from, state_sharding, verbose=writer.active
+                        )
                 else:
                     state = checkpoint.restore(manager, abstract_state, train_iter)
                     if writer.active:
