@@ -8,19 +8,26 @@ stages at 56/28/14/7; 8 heads, 20 key dims per head) it times forward+backward o
   dense          relative attention, every (HW)^2 logit at once, relative terms broadcast
   blockwise      relative attention, query rows in blocks, rematerialised in the backward pass
   fused          relative logits folded into the dot product, then the fused kernels
+  mgpu           relative logits added inside the Mosaic GPU kernels' tile loops (Hopper; elsewhere
+                 and in float32 fused's route)
   auto           relative attention as the library runs it by default (implementation=None)
   paper_port     a straightforward port of the paper's listing (tiled relative logits)
 and records median seconds (the implementations of a shape timed in interleaved rounds), XLA
 temporary bytes, optionally the peak RSS of a fresh process, and the fraction of this machine's
-measured matmul FLOP/s. Every implementation is first checked against ``dense`` (outputs and
+measured matmul FLOP/s, and the exponential floor: the time a Hopper GPU's exp2 units need for
+one exponential per logit forward and one backward (``EXP2_PER_SECOND``), also as a fraction of
+the measured time. Every implementation is first checked against ``dense`` (outputs and
 gradients). ``--quick`` runs tiny shapes only (the agreement check, for CI) and writes nothing.
 ``--dtype bfloat16 --training_batch`` measures what training on an accelerator runs: bfloat16 at
-batch 128 for the CIFAR shapes and 32 for the ImageNet ones.
+batch 128 for the CIFAR shapes and 32 for the ImageNet ones. ``--mgpu_sweep`` first times ``mgpu``
+at each value of its tuning knob (keys per block, ``MGPU_KEY_BLOCKS``) at each shape, records every
+timing in the JSON (``mgpu_sweep``) and measures the ``mgpu`` row at the fastest.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -31,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aacn_jax import functional as F
+from aacn_jax.functional import relative_mgpu
 from benchmarks import measure
 from benchmarks.paper_port import paper_port_attention
 
@@ -65,6 +73,9 @@ class Shape:
             normal(keys[5], (b, h, w, n, dv)),  # output cotangent
         )
 
+    def logits(self) -> int:
+        return self.batch * self.heads * (self.height * self.width) ** 2
+
     def forward_flops(self, relative: bool) -> int:
         tokens = self.height * self.width
         flops = 2 * self.batch * self.heads * tokens**2 * (self.key_depth + self.value_depth)
@@ -96,33 +107,53 @@ IMPLEMENTATIONS = {
     "dense": lambda *a: F.self_attention_2d(*a, implementation="dense"),
     "blockwise": lambda *a: F.self_attention_2d(*a, implementation="blockwise"),
     "fused": lambda *a: F.self_attention_2d(*a, implementation="fused"),
+    "mgpu": lambda *a: F.self_attention_2d(*a, implementation="mgpu"),
     "auto": lambda *a: F.self_attention_2d(*a),
     "paper_port": paper_port_attention,
 }
-RELATIVE = ("dense", "blockwise", "fused", "auto", "paper_port")
+RELATIVE = ("dense", "blockwise", "fused", "mgpu", "auto", "paper_port")
+MGPU_KEY_BLOCKS = (64, 128, 256)  # the sweep's values of relative_mgpu.tuning(key_block=...)
+# One exp2 per logit forward and one recomputed backward, at 16 exp2 per clock per SM (132 SMs,
+# ~1.83 GHz: H100/H200 SXM, FlashAttention-3, arXiv:2407.08608).
+EXP2_PER_SECOND = 16 * 132 * 1.83e9
 
 
 @functools.cache
-def forward_backward(name: str):
-    """Jitted ``(q, k, v, rel_h, rel_w, cotangent) -> (output, gradients)`` of one implementation."""
+def forward_backward(name: str, key_block: int | None = None):
+    """Jitted ``(q, k, v, rel_h, rel_w, cotangent) -> (output, gradients)`` of one implementation;
+    ``key_block``: traced under ``relative_mgpu.tuning(key_block=...)``."""
     attention = IMPLEMENTATIONS[name]
 
     def run(q, k, v, rel_h, rel_w, cotangent):
-        out, vjp = jax.vjp(attention, q, k, v, rel_h, rel_w)
-        return out, vjp(cotangent)
+        with relative_mgpu.tuning(key_block) if key_block else contextlib.nullcontext():
+            out, vjp = jax.vjp(attention, q, k, v, rel_h, rel_w)
+            return out, vjp(cotangent)
 
     return jax.jit(run)
 
 
-def check_agreement(shape: Shape, names, dtype=jnp.float32) -> None:
-    """Outputs and gradients of every implementation equal dense (plain ones: dense without tables)."""
+def mgpu_key_blocks(shape: Shape) -> list[int]:
+    """The sweep's knob values the shape's map allows (at most 16 rows per key block)."""
+    valid = []
+    for key_block in MGPU_KEY_BLOCKS:
+        try:
+            relative_mgpu.plan(shape.height, shape.width, key_block)
+        except ValueError:
+            continue
+        valid.append(key_block)
+    return valid
+
+
+def check_agreement(shape: Shape, names, dtype=jnp.float32, key_block: int | None = None) -> None:
+    """Outputs and gradients of every implementation equal dense (plain ones: dense without tables);
+    ``mgpu`` at the knob ``key_block``."""
     args = shape.arrays(dtype=dtype)
     tolerance = 2e-4 if dtype == jnp.float32 else 5e-2
     want_rel = forward_backward("dense")(*args)
     want_plain = forward_backward("plain")(*args)
     for name in names:
         want = want_rel if name in RELATIVE else want_plain
-        got = forward_backward(name)(*args)
+        got = forward_backward(name, key_block if name == "mgpu" else None)(*args)
         for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             got_leaf, want_leaf = (np.asarray(x, np.float32) for x in (got_leaf, want_leaf))
             scale = max(1.0, float(np.abs(want_leaf).max())) if dtype != jnp.float32 else 1.0
@@ -131,10 +162,23 @@ def check_agreement(shape: Shape, names, dtype=jnp.float32) -> None:
             )
 
 
-def measure_shape(shape: Shape, peak_flops: float, repeats: int = 7, dtype=jnp.float32) -> list[dict]:
+def sweep_mgpu(shape: Shape, repeats: int = 7, dtype=jnp.float32) -> list[dict]:
+    """``mgpu`` at each valid knob value, timed in interleaved rounds: one row each."""
+    args = shape.arrays(dtype=dtype)
+    blocks = mgpu_key_blocks(shape)
+    calls = {b: functools.partial(forward_backward("mgpu", b), *args) for b in blocks}
+    seconds = measure.interleaved_median_seconds(calls, repeats=repeats, min_seconds=0.5)
+    return [{"shape": shape.name, "key_block": b, "seconds": seconds[b]} for b in blocks]
+
+
+def measure_shape(
+    shape: Shape, peak_flops: float, repeats: int = 7, dtype=jnp.float32, mgpu_key_block: int | None = None
+) -> list[dict]:
     """One row per implementation; their times come from interleaved rounds (see ``measure``)."""
     args = shape.arrays(dtype=dtype)
-    fns = {name: forward_backward(name) for name in IMPLEMENTATIONS}
+    fns = {
+        name: forward_backward(name, mgpu_key_block if name == "mgpu" else None) for name in IMPLEMENTATIONS
+    }
     calls = {name: functools.partial(fn, *args) for name, fn in fns.items()}
     seconds = measure.interleaved_median_seconds(calls, repeats=repeats, min_seconds=0.5)
     rows = []
@@ -149,8 +193,12 @@ def measure_shape(shape: Shape, peak_flops: float, repeats: int = 7, dtype=jnp.f
                 "temp_bytes": measure.compiled_temp_bytes(fn, *args),
                 "flops": flops,
                 "flops_fraction": flops / seconds[name] / peak_flops,
+                "exp_floor_seconds": 2 * shape.logits() / EXP2_PER_SECOND,
+                "exp_floor_fraction": 2 * shape.logits() / EXP2_PER_SECOND / seconds[name],
             }
         )
+        if name == "mgpu":
+            rows[-1]["key_block"] = mgpu_key_block or relative_mgpu.plan(shape.height, shape.width).key_block
     return rows
 
 
@@ -162,12 +210,14 @@ def _one_process_rss(shape: Shape, name: str) -> int:
 
 
 def _format(rows) -> str:
-    lines = [f"{'shape':<12}{'impl':<12}{'ms':>10}{'temp MiB':>11}{'RSS MiB':>10}{'FLOP frac':>11}"]
+    lines = [
+        f"{'shape':<12}{'impl':<12}{'ms':>10}{'temp MiB':>11}{'RSS MiB':>10}{'FLOP frac':>11}{'exp frac':>10}"
+    ]
     for r in rows:
         rss = f"{r['rss_bytes'] / 2**20:10.0f}" if "rss_bytes" in r else f"{'-':>10}"
         lines.append(
             f"{r['shape']['name']:<12}{r['implementation']:<12}{1e3 * r['seconds']:10.2f}"
-            f"{r['temp_bytes'] / 2**20:11.1f}{rss}{r['flops_fraction']:11.3f}"
+            f"{r['temp_bytes'] / 2**20:11.1f}{rss}{r['flops_fraction']:11.3f}{r['exp_floor_fraction']:10.3f}"
         )
     return "\n".join(lines)
 
@@ -187,6 +237,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--training_batch", action="store_true", help="batch 128 (CIFAR shapes) and 32 (ImageNet shapes)"
     )
+    parser.add_argument(
+        "--mgpu_sweep", action="store_true", help="time mgpu at each knob value first; measure at the best"
+    )
     parser.add_argument("--rss_case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -202,6 +255,8 @@ def main(argv=None) -> None:
     dtype = jnp.dtype(args.dtype)
     for shape in shapes:
         check_agreement(shape, IMPLEMENTATIONS, dtype)
+        for key_block in mgpu_key_blocks(shape) if args.mgpu_sweep else ():
+            check_agreement(shape, ["mgpu"], dtype, key_block)
     print(
         f"agreement: all {len(IMPLEMENTATIONS)} implementations match dense on {len(shapes)} shapes",
         flush=True,
@@ -213,15 +268,24 @@ def main(argv=None) -> None:
     size = 1024 if jax.default_backend() == "cpu" else 8192
     peak = measure.matmul_flops_per_second(size, dtype)
     print(f"matmul peak ({size}x{size}, {dtype.name}): {peak / 1e9:.1f} GFLOP/s", flush=True)
-    rows = []
+    rows, sweep = [], []
     for shape in shapes:
-        for row in measure_shape(shape, peak, dtype=dtype):
+        best = None
+        if args.mgpu_sweep:
+            timed = sweep_mgpu(shape, dtype=dtype)
+            sweep += timed
+            best = min(timed, key=lambda r: r["seconds"])["key_block"]
+            print(
+                f"{shape.name}: mgpu seconds by key_block {[(r['key_block'], r['seconds']) for r in timed]}"
+            )
+        for row in measure_shape(shape, peak, dtype=dtype, mgpu_key_block=best):
             if not args.no_rss:
                 row["rss_bytes"] = _one_process_rss(shape, row["implementation"])
             rows.append(row)
             print(_format([row]).splitlines()[1], flush=True)
         # after every shape, so a run stopped at its time limit keeps what it measured
-        path = measure.write_results("attention", {"matmul_flops_per_second": peak, "rows": rows})
+        payload = {"matmul_flops_per_second": peak, "exp2_per_second": EXP2_PER_SECOND, "rows": rows}
+        path = measure.write_results("attention", {**payload, "mgpu_sweep": sweep})
     print(_format(rows))
     print(f"wrote {path}")
 

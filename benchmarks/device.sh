@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Everything this project measures on an accelerator, in one run (about 8 minutes on one GPU; each step has a time limit):
+# Everything this project measures on an accelerator, in one run (about 9 minutes on one GPU; each step has a time limit):
+#   0. the Mosaic GPU kernels' tests on the device (implementation="mgpu" against dense; 1 minute at most)
 #   1. the attention tests on the device (fused path: cuDNN / Pallas kernels against the references)
-#   2. python -m benchmarks.attention --dtype bfloat16 --training_batch   -> results/attention-gpu.json
+#   2. python -m benchmarks.attention --dtype bfloat16 --training_batch --mgpu_sweep
+#                                    -> results/attention-gpu.json (with the mgpu knob sweep, mgpu_sweep)
 #   3. python benchmarks/peers/flex_attention.py (PyTorch FlexAttention)  -> results/peers-gpu.json
 #   4. python -m benchmarks.plot                                          -> results/attention-gpu.png + table
 #   5. python -m benchmarks.models --dtype bfloat16 --training_batch      -> results/models-gpu.json
@@ -12,7 +14,7 @@
 #   bash benchmarks/device.sh --fetch-wheels   # here (with PyPI): grain, ml-collections, tensorboardX
 #                                              # and their missing needs as wheels into .whl/
 #   bash benchmarks/device.sh [STEP ...]       # on the GPU machine (carry .whl): all steps, or those
-#                                              # named (e.g. 6 7); results go to benchmarks/results/
+#                                              # named (e.g. 0 2); results go to benchmarks/results/
 #                                              # and, if set, $OUT
 #   bash benchmarks/device.sh --dry-run        # any CPU: every step in its quick form (CI runs this)
 set -euo pipefail
@@ -38,7 +40,8 @@ step() { echo "=== $(date +%T) $*"; }
 if [[ $mode == --dry-run ]]; then
   step "dry run: each step in its quick form on $("$py" -c 'import jax; print(jax.default_backend())')"
   "$py" -m pytest -q -p no:cacheprovider tests/test_fused.py -k folded
-  "$py" -m benchmarks.attention --quick --dtype bfloat16
+  "$py" -m pytest -q -x -p no:cacheprovider tests/test_mgpu.py -k on_the_device
+  "$py" -m benchmarks.attention --quick --dtype bfloat16 --mgpu_sweep
   "$py" -m benchmarks.models --quick --dtype bfloat16
   "$py" -m benchmarks.nnx --quick
   "$py" -m train --workdir "$(mktemp -d)" --config.num_train_steps=2 --config.eval_every_steps=2 \
@@ -49,13 +52,19 @@ fi
 # On the GPU: the steps named on the command line (default: all), each under its own time limit,
 # the log and each step's results copied to $OUT (if set) as soon as they exist.
 steps=("$@")
-[[ ${#steps[@]} -eq 0 || ${steps[0]} == run ]] && steps=(1 2 3 4 5 6 7)
+[[ ${#steps[@]} -eq 0 || ${steps[0]} == run ]] && steps=(0 1 2 3 4 5 6 7)
 out=${OUT:-}
 save() { [[ -z $out ]] || cp "$@" "$out"/ 2>/dev/null || true; }
 "$py" -c 'import jax; assert jax.default_backend() == "gpu", jax.devices(); print(jax.__version__, jax.devices())'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 for s in "${steps[@]}"; do
   case $s in
+  0)
+    step "0. Mosaic GPU kernel tests on the GPU (implementation=mgpu against dense)"
+    # First, and short: a kernel that fails to compile or run costs one minute, not the session.
+    JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 60 "$py" -m pytest -q -x -p no:cacheprovider \
+      tests/test_mgpu.py -k on_the_device || echo "mgpu tests FAILED (continuing to measure)"
+    ;;
   1)
     step "1. attention tests on the GPU"
     # float32 matmuls at full precision: the tests compare float32 against float64 references at
@@ -67,7 +76,8 @@ for s in "${steps[@]}"; do
     ;;
   2)
     step "2. attention benchmark"
-    timeout 240 "$py" -m benchmarks.attention --dtype bfloat16 --training_batch --no_rss || echo "attention FAILED"
+    timeout 300 "$py" -m benchmarks.attention --dtype bfloat16 --training_batch --no_rss --mgpu_sweep ||
+      echo "attention FAILED"
     save benchmarks/results/attention-gpu.json
     ;;
   3)
@@ -98,7 +108,7 @@ for s in "${steps[@]}"; do
     timeout 150 "$py" -m benchmarks.nnx || echo "NNX benchmark FAILED or timed out"
     save benchmarks/results/nnx-gpu.json
     ;;
-  *) echo "error: unknown step $s (steps are 1-7)" >&2 && exit 2 ;;
+  *) echo "error: unknown step $s (steps are 0-7)" >&2 && exit 2 ;;
   esac
 done
 step "done"

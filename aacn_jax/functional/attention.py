@@ -21,6 +21,10 @@ their matmuls read q, k, v and the softmax weights as laid out, with no transpos
   (:mod:`aacn_jax.functional.fused`), then plain flash attention: the Pallas TPU kernel on a TPU,
   cuDNN or the Pallas Triton kernel on an NVIDIA GPU, the blockwise path elsewhere. On an
   accelerator no ``(HW)^2`` array, forward or backward.
+- ``implementation="mgpu"``: on an NVIDIA GPU the Mosaic GPU kernels of
+  :mod:`aacn_jax.functional.relative_mgpu` (Hopper; bfloat16/float16), which add the relative
+  factors inside their tile loops (no folded depth); float32, a JAX without Mosaic GPU's warpgroup
+  kernels, and every other platform take ``"fused"``'s route. Opt-in until measured on a GPU.
 - ``implementation=None``: fused on a TPU or an NVIDIA GPU (where it has a kernel); elsewhere (a
   CPU) dense when its float32 logits fit ``memory_budget_bytes``, else blockwise with the largest
   block that fits (and at least two blocks). The choice is made per platform with
@@ -37,6 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from aacn_jax.functional import relative_mgpu
 from aacn_jax.functional.fused import (
     fold_relative_logits,
     gpu_flash_attention,
@@ -53,7 +58,7 @@ __all__ = [
     "self_attention_2d",
 ]
 
-IMPLEMENTATIONS = ("dense", "blockwise", "fused")
+IMPLEMENTATIONS = ("dense", "blockwise", "fused", "mgpu")
 # Measured on the project's 2-core CPU (benchmarks/attention.py): the dense path is fastest up to
 # a few tens of MiB of float32 logits; beyond, blockwise with blocks of at most ~8 MiB of logits
 # (cache-sized) is both faster and far leaner than dense.
@@ -281,6 +286,21 @@ def _fused_attention(
     return _per_device(attend, q, k, v)
 
 
+def _mgpu_attention(
+    q: Array, k: Array, v: Array, table_h: Table, table_w: Table, *, block_size: int | None
+) -> Array:
+    """The Mosaic GPU kernels on CUDA where this JAX and dtype have them, else the fused path."""
+    fused = functools.partial(_fused_attention, block_size=block_size)
+    if not relative_mgpu.supported(q.dtype):
+        return fused(q, k, v, table_h, table_w)
+
+    def cuda(q: Array, k: Array, v: Array, table_h: Table, table_w: Table) -> Array:
+        logits_h, logits_w = relative_mgpu.factors(q, table_h, table_w)  # XLA: partitioned as usual
+        return _per_device(relative_mgpu.relative_attention, q, k, v, logits_h, logits_w)
+
+    return jax.lax.platform_dependent(q, k, v, table_h, table_w, cuda=cuda, default=fused)
+
+
 def _per_device(attend: Callable[..., Array], *arrays: Array) -> Array:
     """``attend(*arrays)`` on each device's share of the batch when a mesh is set (``jax.set_mesh``).
 
@@ -316,7 +336,7 @@ def self_attention_2d(
       v: ``[B, H, W, N, dv]`` values.
       rel_h, rel_w: relative tables ``[2H-1, dk]`` and ``[2W-1, dk]`` shared across heads, or
         both None for plain content-only attention.
-      implementation: ``"dense"``, ``"blockwise"``, ``"fused"`` or None (automatic: fused on a
+      implementation: ``"dense"``, ``"blockwise"``, ``"fused"``, ``"mgpu"`` or None (automatic: fused on a
         TPU or NVIDIA GPU; elsewhere dense if its float32 logits fit ``memory_budget_bytes``,
         else blockwise). See the module docstring.
       block_size: query rows per block for the blockwise path (also the CPU form of fused);
@@ -346,6 +366,8 @@ def self_attention_2d(
     fused = functools.partial(_fused_attention, block_size=block_size)
     if implementation == "fused":
         out = fused(*args)
+    elif implementation == "mgpu":
+        out = _mgpu_attention(*args, block_size=block_size)
     elif implementation is not None:
         out = _xla_attention(*args, dense=implementation == "dense", block_size=block_size)
     else:

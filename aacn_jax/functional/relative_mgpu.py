@@ -1,0 +1,650 @@
+"""2-D relative self-attention as Pallas Mosaic GPU kernels (NVIDIA Hopper: wgmma, TMA), fwd and bwd.
+
+Bello et al., "Attention Augmented Convolutional Networks", ICCV 2019, arXiv:1904.09925, eq. 2.
+
+The relative logits of a query are two factors (:func:`aacn_jax.functional.relative_logit_factors`,
+computed by XLA outside the kernels): ``fh [G, T, H]`` (one value per key row) and ``fw [G, T, W]``
+(one per key column), G = B * heads. The kernels add them inside their tile loops, so no
+``[G, T, T]`` array and no widened ("folded") depth exists:
+
+- Keys come in blocks of ``rows`` whole image rows, each row padded to ``row`` columns (a multiple
+  of 8) so that a block is a multiple of 64 keys (the wgmma M of the key-parallel backward).
+  Padding columns get ``fw = -1e30`` and padding rows ``fh = -1e30``: their softmax weight is
+  exactly 0, with no mask input (a finite value, so that 0 * pad stays 0 in the matmuls).
+- A block's logits are three wgmmas into one float32 accumulator: ``q . k`` plus the two factors
+  spread over the block's keys by constant one-hot matrices, ``fh[:, r0:r0+16] @ E_rows`` and
+  ``fw @ E_cols`` (K = 16 and W rounded up to 16: a small extra for the tensor cores, exact).
+- Online softmax in the log2 domain (q and the factors pre-multiplied by log2 e, ``exp2``); the
+  forward writes the output and the log-sum-exp.
+- Backward, correctness first: a query-parallel kernel recomputes P and accumulates dQ and, by one
+  wgmma of dS against the one-hot codes of every key's row and column, ``dfh`` and ``dfw`` (no
+  atomics); a key-parallel kernel accumulates dK and dV from the transposed logits.
+
+Every operand goes through shared memory (no register-held wgmma operand, no transposed view):
+that is what Mosaic GPU's interpreter (tests on a CPU, :func:`interpret`) runs. On a GPU the
+kernels take bfloat16/float16 (B operands N-major, which wgmma allows only for 16-bit types);
+float32 runs in the interpreter only; the GPU route sends it to fold + Triton (``"fused"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from aacn_jax.functional.relative import heads_first_logit_factors
+
+__all__ = [
+    "Plan",
+    "attend",
+    "available",
+    "factors",
+    "interpret",
+    "plan",
+    "relative_attention",
+    "supported",
+    "tuning",
+]
+
+BLOCK_Q = 64  # queries per program and per step of the key-parallel loop (one warpgroup's wgmma M)
+_ROWS_K = 16  # columns of the fh slice a key block reads (its rows, padded to wgmma's K of 16)
+_NEG = -1e30  # the factor of a padding row or column: exp2(_NEG - max) == 0
+_LOG2E = math.log2(math.e)
+_F32 = jnp.float32
+_MAX_KEY_BLOCK = 256  # keys per block at most, else each row is padded to 64 (one row per block)
+_GPU_DTYPES = (jnp.bfloat16, jnp.float16)
+_SWIZZLE = 32  # bytes
+_KEY_BLOCK = contextvars.ContextVar("key_block", default=64)  # the tuning knob, see tuning()
+Array = jax.Array
+
+
+def available() -> bool:
+    """Whether this JAX has what the kernels use: ``plgpu.kernel`` with warpgroup semantics."""
+    try:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+    except ImportError:
+        return False
+    return all(hasattr(plgpu, name) for name in ("kernel", "wgmma", "ACC", "LoweringSemantics")) and hasattr(
+        plgpu.LoweringSemantics, "Warpgroup"
+    )
+
+
+def supported(dtype: Any) -> bool:
+    """Whether the CUDA route runs the kernels for inputs of ``dtype`` (else fold + cuDNN/Triton)."""
+    return available() and jnp.dtype(dtype) in map(jnp.dtype, _GPU_DTYPES)
+
+
+@contextlib.contextmanager
+def interpret() -> Iterator[None]:
+    """Run the kernels traced inside in Mosaic GPU's interpreter (a CPU), on an abstract H100.
+
+    Wraps JAX's private interpret API (``jax._src.pallas.mosaic_gpu.interpret``) in one place.
+    """
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams, force_gpu_interpret_mode
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+    gpu = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    mesh = AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,), abstract_device=gpu)
+    with jax.sharding.use_abstract_mesh(mesh), force_gpu_interpret_mode(InterpretGPUParams()):
+        yield
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a ``height x width`` map is tiled: key rows of ``row`` columns, ``rows`` rows per key block."""
+
+    height: int
+    width: int
+    row: int  # columns per key row (width padded to a multiple of 8)
+    rows: int  # image rows per key block
+
+    @property
+    def key_block(self) -> int:
+        return self.rows * self.row
+
+    @property
+    def padded_height(self) -> int:
+        return _round_up(self.height, self.rows)
+
+    @property
+    def key_blocks(self) -> int:
+        return self.padded_height // self.rows
+
+    @property
+    def keys(self) -> int:
+        return self.padded_height * self.row
+
+    @property
+    def queries(self) -> int:
+        return _round_up(self.height * self.width, BLOCK_Q)
+
+    @property
+    def row_codes(self) -> int:
+        """Columns of ``dfh`` the query-parallel backward accumulates (padded rows, multiple of 16)."""
+        return _round_up(self.padded_height, 16)
+
+    @property
+    def column_codes(self) -> int:
+        """Rows of the column one-hot matrix (``row`` padded to wgmma's K of 16)."""
+        return _round_up(self.row, 16)
+
+
+def plan(height: int, width: int, key_block: int | None = None) -> Plan:
+    """The fewest whole rows per key block that make a multiple of 64 keys (at most 256), and at least
+    ``key_block`` keys (default: the :func:`tuning` in effect, else 64).
+
+    Raises ValueError where that takes more than 16 rows (the fh slice a key block reads).
+    """
+    row = _round_up(width, 8)
+    rows = 64 // math.gcd(64, row)
+    if rows * row > _MAX_KEY_BLOCK:
+        row, rows = _round_up(width, 64), 1
+    key_block = _KEY_BLOCK.get() if key_block is None else key_block
+    rows *= max(1, -(-key_block // (rows * row)))
+    if rows > _ROWS_K:
+        raise ValueError(
+            f"key_block={key_block} needs {rows} rows of {row} keys per block, more than {_ROWS_K}"
+        )
+    return Plan(height, width, row, rows)
+
+
+@contextlib.contextmanager
+def tuning(key_block: int) -> Iterator[None]:
+    """Kernels traced inside take key blocks of at least ``key_block`` keys (benchmark sweeps)."""
+    plan(1, 1, key_block)  # check it
+    token = _KEY_BLOCK.set(key_block)
+    try:
+        yield
+    finally:
+        _KEY_BLOCK.reset(token)
+
+
+def _one_hots(p: Plan, dtype: Any) -> tuple[Array, Array, Array, Array, Array]:
+    """Constant codes of the keys' rows and columns.
+
+    ``rows_in_block [16, Nk]`` and ``cols_in_block [W16, Nk]`` (a key block's local row and column),
+    their transposes, and ``codes [keys, row_codes + column_codes]``: every key's global row and column.
+    """
+    key = jnp.arange(p.key_block)
+    local_rows = (key[None, :] // p.row == jnp.arange(_ROWS_K)[:, None]).astype(dtype)
+    cols = (key[None, :] % p.row == jnp.arange(p.column_codes)[:, None]).astype(dtype)
+    every = jnp.arange(p.keys)
+    codes = jnp.concatenate(
+        [
+            every[:, None] // p.row == jnp.arange(p.row_codes)[None, :],
+            every[:, None] % p.row == jnp.arange(p.column_codes)[None, :],
+        ],
+        axis=1,
+    ).astype(dtype)
+    return local_rows, cols, local_rows.T, cols.T, codes
+
+
+def _smem(shape: tuple[int, ...], dtype: Any) -> Any:
+    """A shared-memory buffer as wgmma and TMA want it: tiled, every 2-D buffer with one swizzle.
+
+    wgmma needs its two operands' swizzles equal; 32 bytes fits every minor dimension here (all
+    multiples of 16 elements).
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if len(shape) == 1:
+        return plgpu.SMEM(shape, dtype)
+    elems = _SWIZZLE // jnp.dtype(dtype).itemsize
+    tiling: Any = plgpu.TilingTransform  # typed Any: mypy takes JAX 0.12's transforms as abstract
+    swizzle: Any = plgpu.SwizzleTransform
+    transforms = (tiling((8, elems)), swizzle(_SWIZZLE))
+    return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+def _kernel_call(body: Callable[..., None], out_type: Any, grid: tuple[int, int]) -> Callable[..., Any]:
+    """``body`` as a Mosaic GPU kernel of one warpgroup per program; the kernel takes body's name."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        grid=grid,
+        grid_names=("g", "i"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+
+
+def _load(pairs: list[tuple[Any, Any]], barrier: Any) -> None:
+    """Copy each ``(gmem_slice, smem)`` pair by TMA and wait for all of them."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    for i, (src, dst) in enumerate(pairs):
+        plgpu.copy_gmem_to_smem(src, dst, barrier.at[i])
+    for i in range(len(pairs)):
+        plgpu.barrier_wait(barrier.at[i])
+
+
+def _matmuls(shape: tuple[int, int], products: list[tuple[Any, Any]]) -> Array:
+    """``sum(a @ b)`` over the smem ``(a, b)`` pairs, one float32 wgmma accumulator."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def run(acc: Any) -> Array:
+        for a, b in products:
+            plgpu.wgmma(acc, a, b)
+        return acc[...]
+
+    return pl.run_scoped(run, plgpu.ACC(shape, _F32))
+
+
+def _row_bcast(x: Array, shape: tuple[int, ...], axis: int) -> Array:
+    """A per-row (``axis=0``) or per-column (``axis=1``) vector broadcast to a 2-D tile."""
+    return lax.broadcast_in_dim(x, shape, (axis,))
+
+
+def _forward(p: Plan, q: Array, k_t: Array, v: Array, fh: Array, fw: Array, consts: tuple[Array, ...]) -> Any:
+    """``out [G, Tq, dv]`` (q's dtype) and ``lse [G, Tq]`` (float32, log2 domain) of padded inputs."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    groups, queries, depth = q.shape
+    value_depth, dtype, nk = v.shape[-1], q.dtype, p.key_block
+    e_rows, e_cols = consts[0], consts[1]
+
+    def relative_attention_fwd(
+        q_ref: Any,
+        k_ref: Any,
+        v_ref: Any,
+        fh_ref: Any,
+        fw_ref: Any,
+        er_ref: Any,
+        ec_ref: Any,
+        o_ref: Any,
+        lse_ref: Any,
+    ) -> None:
+        g, qi = lax.axis_index("g"), lax.axis_index("i")
+        rows = pl.ds(qi * BLOCK_Q, BLOCK_Q)
+
+        def scoped(
+            q_s: Any,
+            fw_s: Any,
+            er_s: Any,
+            ec_s: Any,
+            k_s: Any,
+            v_s: Any,
+            fh_s: Any,
+            p_s: Any,
+            o_s: Any,
+            l_s: Any,
+            bar: Any,
+        ) -> None:
+            _load([(q_ref.at[g, rows], q_s), (fw_ref.at[g, rows], fw_s), (er_ref, er_s), (ec_ref, ec_s)], bar)
+
+            def step(b: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+                peak, total, acc = carry
+                keys = pl.ds(b * nk, nk)
+                fh_rows = pl.ds(b * _ROWS_K, _ROWS_K)
+                _load(
+                    [
+                        (k_ref.at[g, :, keys], k_s),
+                        (v_ref.at[g, keys], v_s),
+                        (fh_ref.at[g, rows, fh_rows], fh_s),
+                    ],
+                    bar,
+                )
+                s = _matmuls((BLOCK_Q, nk), [(q_s, k_s), (fh_s, er_s), (fw_s, ec_s)])
+                new_peak = jnp.maximum(peak, jnp.max(s, axis=1))
+                alpha = jnp.exp2(peak - new_peak)
+                weights = jnp.exp2(s - _row_bcast(new_peak, s.shape, 0))
+                total = total * alpha + jnp.sum(weights, axis=1)
+                p_s[...] = weights.astype(dtype)
+                plgpu.commit_smem()
+                pv = _matmuls((BLOCK_Q, value_depth), [(p_s, v_s)])
+                return new_peak, total, acc * _row_bcast(alpha, acc.shape, 0) + pv
+
+            init = (
+                jnp.full((BLOCK_Q,), -jnp.inf, _F32),
+                jnp.zeros((BLOCK_Q,), _F32),
+                jnp.zeros((BLOCK_Q, value_depth), _F32),
+            )
+            peak, total, acc = lax.fori_loop(0, p.key_blocks, step, init)
+            o_s[...] = (acc / _row_bcast(total, acc.shape, 0)).astype(o_s.dtype)
+            l_s[...] = peak + jnp.log2(total)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_s, o_ref.at[g, rows])
+            plgpu.copy_smem_to_gmem(l_s, lse_ref.at[g, rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(
+            scoped,
+            _smem((BLOCK_Q, depth), dtype),
+            _smem((BLOCK_Q, p.column_codes), dtype),
+            _smem((_ROWS_K, nk), dtype),
+            _smem((p.column_codes, nk), dtype),
+            _smem((depth, nk), dtype),
+            _smem((nk, value_depth), dtype),
+            _smem((BLOCK_Q, _ROWS_K), dtype),
+            _smem((BLOCK_Q, nk), dtype),
+            _smem((BLOCK_Q, value_depth), dtype),
+            _smem((BLOCK_Q,), _F32),
+            plgpu.Barrier(num_barriers=4),
+        )
+
+    out_type = (
+        jax.ShapeDtypeStruct((groups, queries, value_depth), dtype),
+        jax.ShapeDtypeStruct((groups, queries), _F32),
+    )
+    call = _kernel_call(relative_attention_fwd, out_type, (groups, queries // BLOCK_Q))
+    return call(q, k_t, v, fh, fw, e_rows, e_cols)
+
+
+def _logits(
+    q_s: Any, fh_s: Any, fw_s: Any, k_s: Any, rows_s: Any, cols_s: Any, shape: tuple[int, int]
+) -> Array:
+    """One block's log2-domain logits: ``q . k + fh . E_rows + fw . E_cols`` (or the transposes)."""
+    return _matmuls(shape, [(q_s, k_s), (fh_s, rows_s), (fw_s, cols_s)])
+
+
+def _backward_queries(p: Plan, args: tuple[Array, ...], consts: tuple[Array, ...]) -> Any:
+    """dq ``[G, queries, dk]`` and the factors' gradients ``[G, queries, codes]`` (float32)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    q, k_t, k, v_t, fh, fw, lse, delta, d_out = args
+    e_rows, e_cols, _, _, codes = consts
+    groups, queries, depth = q.shape
+    value_depth, dtype, nk, n_codes = d_out.shape[-1], q.dtype, p.key_block, codes.shape[-1]
+
+    def relative_attention_dq(*refs: Any) -> None:
+        (
+            q_ref,
+            kt_ref,
+            k_ref,
+            vt_ref,
+            fh_ref,
+            fw_ref,
+            lse_ref,
+            delta_ref,
+            do_ref,
+            er_ref,
+            ec_ref,
+            codes_ref,
+        ) = refs[:12]
+        dq_ref, df_ref = refs[12:]
+        g, qi = lax.axis_index("g"), lax.axis_index("i")
+        rows = pl.ds(qi * BLOCK_Q, BLOCK_Q)
+
+        def scoped(*bufs: Any) -> None:
+            q_s, fw_s, er_s, ec_s, do_s, lse_s, delta_s, kt_s, k_s, vt_s, fh_s, codes_s, ds_s = bufs[:13]
+            dq_s, df_s, bar = bufs[13:]
+            fixed = [(q_ref.at[g, rows], q_s), (fw_ref.at[g, rows], fw_s), (er_ref, er_s), (ec_ref, ec_s)]
+            fixed += [
+                (do_ref.at[g, rows], do_s),
+                (lse_ref.at[g, rows], lse_s),
+                (delta_ref.at[g, rows], delta_s),
+            ]
+            _load(fixed, bar)
+            lse_v, delta_v = lse_s[...], delta_s[...]
+
+            def accumulate(dq_acc: Any, df_acc: Any) -> None:
+                lax.fori_loop(0, p.key_blocks, functools.partial(step, dq_acc, df_acc), None)
+                dq_s[...] = dq_acc[...]
+                df_s[...] = df_acc[...]
+
+            def step(dq_acc: Any, df_acc: Any, b: Array, carry: None) -> None:
+                keys = pl.ds(b * nk, nk)
+                blocks = [
+                    (kt_ref.at[g, :, keys], kt_s),
+                    (k_ref.at[g, keys], k_s),
+                    (vt_ref.at[g, :, keys], vt_s),
+                ]
+                blocks += [
+                    (fh_ref.at[g, rows, pl.ds(b * _ROWS_K, _ROWS_K)], fh_s),
+                    (codes_ref.at[keys], codes_s),
+                ]
+                _load(blocks, bar)
+                s = _logits(q_s, fh_s, fw_s, kt_s, er_s, ec_s, (BLOCK_Q, nk))
+                weights = jnp.exp2(s - _row_bcast(lse_v, s.shape, 0))
+                d_weights = _matmuls((BLOCK_Q, nk), [(do_s, vt_s)])
+                ds_s[...] = (weights * (d_weights - _row_bcast(delta_v, s.shape, 0))).astype(dtype)
+                plgpu.commit_smem()
+                plgpu.wgmma(dq_acc, ds_s, k_s)
+                plgpu.wgmma(df_acc, ds_s, codes_s)
+                plgpu.wgmma_wait(0)
+
+            pl.run_scoped(accumulate, plgpu.ACC((BLOCK_Q, depth), _F32), plgpu.ACC((BLOCK_Q, n_codes), _F32))
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dq_s, dq_ref.at[g, rows])
+            plgpu.copy_smem_to_gmem(df_s, df_ref.at[g, rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(
+            scoped,
+            _smem((BLOCK_Q, depth), dtype),
+            _smem((BLOCK_Q, p.column_codes), dtype),
+            _smem((_ROWS_K, nk), dtype),
+            _smem((p.column_codes, nk), dtype),
+            _smem((BLOCK_Q, value_depth), dtype),
+            _smem((BLOCK_Q,), _F32),
+            _smem((BLOCK_Q,), _F32),
+            _smem((depth, nk), dtype),
+            _smem((nk, depth), dtype),
+            _smem((value_depth, nk), dtype),
+            _smem((BLOCK_Q, _ROWS_K), dtype),
+            _smem((nk, n_codes), dtype),
+            _smem((BLOCK_Q, nk), dtype),
+            _smem((BLOCK_Q, depth), _F32),
+            _smem((BLOCK_Q, n_codes), _F32),
+            plgpu.Barrier(num_barriers=7),
+        )
+
+    out_type = (
+        jax.ShapeDtypeStruct((groups, queries, depth), _F32),
+        jax.ShapeDtypeStruct((groups, queries, n_codes), _F32),
+    )
+    call = _kernel_call(relative_attention_dq, out_type, (groups, queries // BLOCK_Q))
+    return call(q, k_t, k, v_t, fh, fw, lse, delta, d_out, e_rows, e_cols, codes)
+
+
+def _backward_keys(p: Plan, args: tuple[Array, ...], consts: tuple[Array, ...]) -> Any:
+    """dk ``[G, keys, dk]`` and dv ``[G, keys, dv]`` (float32), one key block per program."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    q_t, q, k, v, fh_t, fw_t, lse, delta, d_out_t, d_out = args
+    _, _, rows_t, cols_t, _ = consts
+    groups, depth, queries = q_t.shape
+    value_depth, dtype, nk = v.shape[-1], q.dtype, p.key_block
+
+    def relative_attention_dkv(*refs: Any) -> None:
+        qt_ref, q_ref, k_ref, v_ref, fht_ref, fwt_ref, lse_ref, delta_ref, dot_ref, do_ref = refs[:10]
+        rt_ref, ct_ref, dk_ref, dv_ref = refs[10:]
+        g, b = lax.axis_index("g"), lax.axis_index("i")
+        keys = pl.ds(b * nk, nk)
+
+        def scoped(*bufs: Any) -> None:
+            k_s, v_s, rt_s, ct_s, qt_s, q_s, fht_s, fwt_s, lse_s, delta_s, dot_s, do_s = bufs[:12]
+            p_s, ds_s, dk_s, dv_s, bar = bufs[12:]
+            _load([(k_ref.at[g, keys], k_s), (v_ref.at[g, keys], v_s), (rt_ref, rt_s), (ct_ref, ct_s)], bar)
+
+            def accumulate(dk_acc: Any, dv_acc: Any) -> None:
+                lax.fori_loop(0, queries // BLOCK_Q, functools.partial(step, dk_acc, dv_acc), None)
+                dk_s[...] = dk_acc[...]
+                dv_s[...] = dv_acc[...]
+
+            def step(dk_acc: Any, dv_acc: Any, i: Array, carry: None) -> None:
+                rows = pl.ds(i * BLOCK_Q, BLOCK_Q)
+                blocks = [(qt_ref.at[g, :, rows], qt_s), (q_ref.at[g, rows], q_s)]
+                blocks += [
+                    (fht_ref.at[g, pl.ds(b * _ROWS_K, _ROWS_K), rows], fht_s),
+                    (fwt_ref.at[g, :, rows], fwt_s),
+                ]
+                blocks += [(lse_ref.at[g, rows], lse_s), (delta_ref.at[g, rows], delta_s)]
+                blocks += [(dot_ref.at[g, :, rows], dot_s), (do_ref.at[g, rows], do_s)]
+                _load(blocks, bar)
+                s_t = _logits(k_s, rt_s, ct_s, qt_s, fht_s, fwt_s, (nk, BLOCK_Q))
+                weights_t = jnp.exp2(s_t - _row_bcast(lse_s[...], s_t.shape, 1))
+                d_weights_t = _matmuls((nk, BLOCK_Q), [(v_s, dot_s)])
+                p_s[...] = weights_t.astype(dtype)
+                ds_s[...] = (weights_t * (d_weights_t - _row_bcast(delta_s[...], s_t.shape, 1))).astype(dtype)
+                plgpu.commit_smem()
+                plgpu.wgmma(dv_acc, p_s, do_s)
+                plgpu.wgmma(dk_acc, ds_s, q_s)
+                plgpu.wgmma_wait(0)
+
+            pl.run_scoped(accumulate, plgpu.ACC((nk, depth), _F32), plgpu.ACC((nk, value_depth), _F32))
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dk_s, dk_ref.at[g, keys])
+            plgpu.copy_smem_to_gmem(dv_s, dv_ref.at[g, keys])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(
+            scoped,
+            _smem((nk, depth), dtype),
+            _smem((nk, value_depth), dtype),
+            _smem((nk, _ROWS_K), dtype),
+            _smem((nk, p.column_codes), dtype),
+            _smem((depth, BLOCK_Q), dtype),
+            _smem((BLOCK_Q, depth), dtype),
+            _smem((_ROWS_K, BLOCK_Q), dtype),
+            _smem((p.column_codes, BLOCK_Q), dtype),
+            _smem((BLOCK_Q,), _F32),
+            _smem((BLOCK_Q,), _F32),
+            _smem((value_depth, BLOCK_Q), dtype),
+            _smem((BLOCK_Q, value_depth), dtype),
+            _smem((nk, BLOCK_Q), dtype),
+            _smem((nk, BLOCK_Q), dtype),
+            _smem((nk, depth), _F32),
+            _smem((nk, value_depth), _F32),
+            plgpu.Barrier(num_barriers=8),
+        )
+
+    out_type = (
+        jax.ShapeDtypeStruct((groups, p.keys, depth), _F32),
+        jax.ShapeDtypeStruct((groups, p.keys, value_depth), _F32),
+    )
+    call = _kernel_call(relative_attention_dkv, out_type, (groups, p.key_blocks))
+    return call(q_t, q, k, v, fh_t, fw_t, lse, delta, d_out_t, d_out, rows_t, cols_t)
+
+
+def _pad_to(x: Array, shape: tuple[int, ...], value: float = 0.0) -> Array:
+    return jnp.pad(x, [(0, n - m) for m, n in zip(x.shape, shape, strict=True)], constant_values=value)
+
+
+def _keys_padded(p: Plan, x: Array, depth: int) -> Array:
+    """``[G, H*W, d] -> [G, keys, depth]``: rows padded to ``p.row`` columns, to ``padded_height`` rows."""
+    groups = x.shape[0]
+    x = x.reshape(groups, p.height, p.width, x.shape[-1])
+    return _pad_to(x, (groups, p.padded_height, p.row, depth)).reshape(groups, p.keys, depth)
+
+
+def _factors_padded(p: Plan, fh: Array, fw: Array, dtype: Any) -> tuple[Array, Array]:
+    """The factors in the log2 domain, padding rows and columns at ``_NEG``, queries padded.
+
+    ``fh [G, T, H] -> [G, queries, key_blocks * 16]``: block b's rows at columns ``16b ..``
+    (a TMA slice at a multiple of the tile, which Mosaic's layout inference needs);
+    ``fw [G, T, W] -> [G, queries, column_codes]``.
+    """
+    groups, tokens = fh.shape[:2]
+    fh = _pad_to(fh * _LOG2E, (groups, tokens, p.padded_height), _NEG)
+    fh = fh.reshape(groups, tokens, p.key_blocks, p.rows)
+    fh = _pad_to(fh, (groups, tokens, p.key_blocks, _ROWS_K), _NEG).reshape(groups, tokens, -1)
+    fw = _pad_to(fw * _LOG2E, (groups, tokens, p.column_codes), _NEG)
+    padded = lambda f: _pad_to(f, (groups, p.queries, f.shape[2])).astype(dtype)
+    return padded(fh), padded(fw)
+
+
+def _keys_unpadded(p: Plan, x: Array, depth: int) -> Array:
+    """Inverse of :func:`_keys_padded`: ``[G, keys, .] -> [G, H*W, depth]``."""
+    x = x.reshape(x.shape[0], p.padded_height, p.row, -1)[:, : p.height, : p.width, :depth]
+    return x.reshape(x.shape[0], p.height * p.width, depth)
+
+
+def _padded_inputs(q: Array, k: Array, v: Array, fh: Array, fw: Array) -> tuple[Plan, tuple[Array, ...]]:
+    """The plan and the kernels' operands: q (log2 domain), k, v, fh, fw padded; q, k, v in q's dtype."""
+    p = plan(fh.shape[-1], fw.shape[-1])
+    groups, dtype = q.shape[0], q.dtype
+    depth, value_depth = _round_up(q.shape[-1], 16), _round_up(v.shape[-1], 16)
+    q2 = _pad_to((q * _LOG2E).astype(dtype), (groups, p.queries, depth))
+    keys, values = _keys_padded(p, k.astype(dtype), depth), _keys_padded(p, v.astype(dtype), value_depth)
+    return p, (q2, keys, values, *_factors_padded(p, fh, fw, dtype))
+
+
+@jax.custom_vjp
+def attend(q: Array, k: Array, v: Array, fh: Array, fw: Array) -> Array:
+    """Softmax attention with the relative logits ``fh[i, r] + fw[i, c]`` of key (r, c) added.
+
+    ``q, k [G, T, d]`` (q scaled), ``v [G, T, e]``, ``fh [G, T, H]``, ``fw [G, T, W]``, T = H*W;
+    returns ``[G, T, e]`` in q's dtype. Differentiable in all five.
+    """
+    return _attend_fwd(q, k, v, fh, fw)[0]
+
+
+def _attend_fwd(q: Array, k: Array, v: Array, fh: Array, fw: Array) -> tuple[Array, tuple[Array, ...]]:
+    p, (q2, keys, values, fh_p, fw_p) = _padded_inputs(q, k, v, fh, fw)
+    out, lse = _forward(p, q2, keys.swapaxes(1, 2), values, fh_p, fw_p, _one_hots(p, q.dtype))
+    out = out[:, : q.shape[1], : v.shape[-1]]
+    return out, (q, k, v, fh, fw, out, lse)
+
+
+def _attend_bwd(residuals: tuple[Array, ...], d_out: Array) -> tuple[Array, ...]:
+    q, k, v, fh, fw, out, lse = residuals
+    p, (q2, keys, values, fh_p, fw_p) = _padded_inputs(q, k, v, fh, fw)
+    groups, dtype = q.shape[0], q.dtype
+    delta = _pad_to(jnp.einsum("gte,gte->gt", d_out.astype(_F32), out.astype(_F32)), (groups, p.queries))
+    d_out_p = _pad_to(d_out.astype(dtype), (groups, p.queries, values.shape[-1]))
+    queries = _pad_to(q.astype(dtype), q2.shape)
+    consts = _one_hots(p, dtype)
+    args = (q2, keys.swapaxes(1, 2), keys, values.swapaxes(1, 2), fh_p, fw_p, lse, delta, d_out_p)
+    d_q, d_factors = _backward_queries(p, args, consts)
+    t = lambda x: x.swapaxes(1, 2)
+    d_k, d_v = _backward_keys(
+        p, (t(q2), queries, keys, values, t(fh_p), t(fw_p), lse, delta, t(d_out_p), d_out_p), consts
+    )
+    tokens = q.shape[1]
+    d_fh = d_factors[:, :tokens, : p.height]
+    d_fw = d_factors[:, :tokens, p.row_codes : p.row_codes + p.width]
+    grads = (
+        d_q[:, :tokens, : q.shape[-1]],
+        _keys_unpadded(p, d_k, k.shape[-1]),
+        _keys_unpadded(p, d_v, v.shape[-1]),
+        d_fh,
+        d_fw,
+    )
+    return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v, fh, fw), strict=True))
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def factors(q: Array, table_h: Array | None, table_w: Array | None) -> tuple[Array, Array]:
+    """``fh [B, N, H, W, H]`` and ``fw [B, N, H, W, W]`` (float32) of scaled ``q [B, H, W, N, d]``.
+
+    ``table_h``, ``table_w`` are the absolute tables, or both None (zeros: content-only attention).
+    """
+    queries = jnp.moveaxis(q, 3, 1)  # B, N, H, W, d
+    if table_h is None or table_w is None:
+        batch, heads, height, width = queries.shape[:4]
+        return jnp.zeros((batch, heads, height, width, height), _F32), jnp.zeros(
+            (batch, heads, height, width, width), _F32
+        )
+    return heads_first_logit_factors(queries, table_h, table_w)
+
+
+def relative_attention(q: Array, k: Array, v: Array, fh: Array, fw: Array) -> Array:
+    """:func:`attend` of scaled ``q, k [B, H, W, N, d]``, ``v [B, H, W, N, e]`` and :func:`factors`.
+
+    Returns ``[B, N, H, W, e]`` (heads first) in q's dtype.
+    """
+    batch, height, width, heads, _ = q.shape
+    tokens = height * width
+    flat = lambda x: jnp.moveaxis(x, 3, 1).reshape(batch * heads, tokens, x.shape[-1])  # G, T, d
+    out = attend(flat(q), flat(k), flat(v), *(f.reshape(batch * heads, tokens, -1) for f in (fh, fw)))
+    return out.reshape(batch, heads, height, width, -1)

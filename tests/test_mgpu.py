@@ -1,0 +1,251 @@
+"""The Mosaic GPU relative-attention kernels (``implementation="mgpu"``) on this CPU: run in Mosaic
+GPU's interpreter against the float64 reference loops (values, every input's gradient), the softmax
+identity the factor gradients obey, the CUDA export at the paper's shapes (the kernels' custom
+calls, no ``(HW)^2`` array, no folded depth), and the fallback to fold + Triton/cuDNN.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+from jax.sharding import PartitionSpec
+
+from aacn_jax import functional as F
+from aacn_jax.functional import relative_mgpu
+from benchmarks.attention import PAPER_SHAPES
+from tests.reference import self_attention_2d_ref
+from tests.test_functional import _qkv, _rel
+from tests.test_lowering import (
+    BATCH,
+    _data_mesh,
+    _lowering_target,
+    _shape_args,
+    _sharded,
+    _zero_constants,
+    quadratic_lines,
+)
+
+MOSAIC_CALL = "custom_call @mosaic_gpu"
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _kernel_attention(q, k, v, rel_h=None, rel_w=None):
+    """``self_attention_2d``'s CUDA route of ``"mgpu"`` (scaling, absolute tables, factors, kernels)."""
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    tables = [None, None] if rel_h is None else [F.absolute_table(t).astype(q.dtype) for t in (rel_h, rel_w)]
+    fh, fw = relative_mgpu.factors(q, *tables)
+    out = relative_mgpu.relative_attention(q, k, v.astype(q.dtype), fh, fw)
+    return jnp.moveaxis(out, 1, 3)
+
+
+def _assert_gradients_match_central_differences(attention, args, cotangent):
+    """Every input's float32 gradient of ``sum(attention(*args) * cotangent)`` against central
+    differences of the float64 reference loops, to 1e-4 of the largest gradient plus 1e-6 (a map of
+    width 1 has a zero rel_w gradient, which float32 rounding leaves at ~1e-7)."""
+    loss_ref = lambda *a: float(np.sum(self_attention_2d_ref(*a) * cotangent))
+    loss = lambda *a: jnp.sum(attention(*a) * cotangent.astype(np.float32))
+    grads = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*(a.astype(np.float32) for a in args))
+    eps = 1e-6
+    for index, (arg, grad) in enumerate(zip(args, grads, strict=True)):
+        expected = np.zeros_like(arg)
+        for position in np.ndindex(arg.shape):
+            shifted = [list(args), list(args)]
+            for sign, variant in zip((1, -1), shifted, strict=True):
+                variant[index] = arg.copy()
+                variant[index][position] += sign * eps
+            expected[position] = (loss_ref(*shifted[0]) - loss_ref(*shifted[1])) / (2 * eps)
+        atol = 1e-4 * np.abs(expected).max() + 1e-6
+        np.testing.assert_allclose(grad, expected, rtol=0, atol=atol, err_msg=f"argument {index}")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _value_and_vjp(attention, args, cotangent):
+    """``attention(*args)`` and its gradients for ``cotangent``, one jitted forward."""
+    out, vjp = jax.vjp(attention, *args)
+    return out, vjp(cotangent)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "use_rel"),
+    [(1, 1, True), (2, 3, True), (3, 1, True), (1, 5, True), (2, 3, False)],
+)
+def test_kernels_match_the_float64_reference_values_and_central_differences(height, width, use_rel):
+    """Maps of one pixel, one row, one column, non-square; with and without the tables. Every
+    input's gradient against central differences of the reference loops."""
+    rng = np.random.default_rng(2200)
+    B, N, dk, dv = 1, 2, 3, 2
+    args = [
+        *_qkv(rng, B, height, width, N, dk, dv, dtype=np.float64),
+        *_rel(rng, height, width, dk, dtype=np.float64),
+    ]
+    args = args if use_rel else args[:3]
+    cotangent = rng.normal(size=(B, height, width, N, dv))
+    with relative_mgpu.interpret():
+        out = _kernel_attention(*(a.astype(np.float32) for a in args))
+        np.testing.assert_allclose(out, self_attention_2d_ref(*args), rtol=1e-5, atol=1e-5)
+        _assert_gradients_match_central_differences(_kernel_attention, args, cotangent)
+
+
+def test_kernels_over_several_query_and_key_blocks():
+    """5 x 13 (odd, non-square): rows padded 13 -> 16 (three masked columns), 4 rows per key block
+    (two blocks, the second with three padding rows), 65 queries in two blocks of 64. Values
+    against the reference, all five gradients against the dense path."""
+    rng = np.random.default_rng(2210)
+    B, H, W, N, dk, dv = 1, 5, 13, 2, 4, 3
+    assert relative_mgpu.plan(H, W) == relative_mgpu.Plan(H, W, row=16, rows=4)
+    args = (*_qkv(rng, B, H, W, N, dk, dv), *_rel(rng, H, W, dk))
+    cotangent = rng.normal(size=(B, H, W, N, dv)).astype(np.float32)
+    dense = functools.partial(F.self_attention_2d, implementation="dense")
+    want = jax.vjp(dense, *args)[1](cotangent)
+    with relative_mgpu.interpret():
+        out, grads = _value_and_vjp(_kernel_attention, args, cotangent)
+    np.testing.assert_allclose(out, self_attention_2d_ref(*args), rtol=2e-5, atol=2e-5)
+    for name, got, w in zip(("q", "k", "v", "rel_h", "rel_w"), grads, want, strict=True):
+        np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4 * np.abs(w).max(), err_msg=name)
+
+
+def test_kernels_in_bfloat16():
+    """bfloat16 operands (what the GPU route runs): within bfloat16 tolerance of the reference on the
+    rounded inputs, values and gradients."""
+    rng = np.random.default_rng(2220)
+    B, H, W, N, dk, dv = 1, 3, 4, 2, 4, 3
+    args = (*_qkv(rng, B, H, W, N, dk, dv), *_rel(rng, H, W, dk))
+    rounded = [np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32)) for a in args]
+    cotangent = rng.normal(size=(B, H, W, N, dv)).astype(np.float32)
+    want = jax.vjp(functools.partial(F.self_attention_2d, implementation="dense"), *rounded)[1](cotangent)
+    with relative_mgpu.interpret():
+        bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (*args, cotangent)]
+        out, grads = _value_and_vjp(_kernel_attention, tuple(bf16[:5]), bf16[5])
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(np.float32), self_attention_2d_ref(*rounded), rtol=0, atol=3e-2)
+    for name, got, w in zip(("q", "k", "v", "rel_h", "rel_w"), grads, want, strict=True):
+        assert got.dtype == jnp.bfloat16, name
+        np.testing.assert_allclose(
+            got.astype(np.float32), w, rtol=0, atol=3e-2 * np.abs(w).max(), err_msg=name
+        )
+
+
+def test_factor_gradients_sum_to_zero_per_query():
+    """The softmax gradient dS sums to 0 over each query's keys, so must each query's dfh (over key
+    rows) and dfw (over key columns): the kernel's one-hot reductions of dS, padding included. With
+    the tuning knob at 128 keys per block: 16 rows of 8 (3 real columns), two blocks."""
+    rng = np.random.default_rng(2230)
+    G, H, W, d, e = 2, 20, 3, 4, 2
+    q, k = (jnp.asarray(rng.normal(size=(G, H * W, d)), jnp.float32) for _ in range(2))
+    v = jnp.asarray(rng.normal(size=(G, H * W, e)), jnp.float32)
+    fh = jnp.asarray(rng.normal(size=(G, H * W, H)), jnp.float32)
+    fw = jnp.asarray(rng.normal(size=(G, H * W, W)), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=(G, H * W, e)), jnp.float32)
+    assert relative_mgpu.plan(H, W, key_block=128) == relative_mgpu.Plan(H, W, row=8, rows=16)
+    with relative_mgpu.interpret(), relative_mgpu.tuning(key_block=128):
+        *_, d_fh, d_fw = _value_and_vjp(relative_mgpu.attend, (q, k, v, fh, fw), cotangent)[1]
+    scale = float(jnp.abs(d_fh).max())
+    assert scale > 1e-2 and float(jnp.abs(d_fw).max()) > 1e-2  # not trivially zero
+    np.testing.assert_allclose(d_fh.sum(-1), 0, atol=1e-5 * scale)
+    np.testing.assert_allclose(d_fw.sum(-1), 0, atol=1e-5 * scale)
+
+
+def _export_vjp(shape, args=None, mesh=None, **kwargs) -> str:
+    def run(q, k, v, rel_h, rel_w, cotangent):
+        attention = functools.partial(F.self_attention_2d, implementation="mgpu")
+        out, vjp = jax.vjp(attention, q, k, v, rel_h, rel_w)
+        return out, vjp(cotangent)
+
+    checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+    with _lowering_target("cuda", mesh):
+        exported = export.export(jax.jit(run), platforms=["cuda"], disabled_checks=checks)
+        return exported(*(args or _shape_args(shape, **kwargs))).mlir_module()
+
+
+def _folded_depth_lines(text: str, shape) -> list[str]:
+    """Lines that compute an array of the fold's depth ``dk + H + W`` (as the fused path has); as in
+    ``quadratic_lines``, not the zero fills of the CPU branch's residual slots, nor lines passing them on."""
+    folded = re.compile(rf"tensor<(\d+x)*{shape.key_depth + shape.height + shape.width}x[a-z]")
+    fill = re.compile(r"stablehlo.broadcast_in_dim (%cst\w*), dims = \[\] : \(tensor<\w+>\)")
+    zeros = _zero_constants(text)
+    return [
+        line.strip()[:300]
+        for line in text.splitlines()
+        if folded.search(line)
+        and not ((match := fill.search(line)) and match.group(1) in zeros)
+        and not line.strip().startswith(("stablehlo.return", "}) : (tensor<i32>) ->"))
+    ]
+
+
+@pytest.mark.parametrize("shape", PAPER_SHAPES, ids=lambda s: s.name)
+def test_forward_backward_exports_for_cuda_as_the_kernels(shape):
+    """Every paper layer shape, batch 128, bfloat16, lowered for an H100: three Mosaic GPU calls
+    (forward, dQ + factors, dK + dV), no Triton call, no (HW)^2 array, no folded depth."""
+    text = _export_vjp(shape)
+    assert len(re.findall(MOSAIC_CALL, text)) == 3
+    assert TRITON_CALL not in text
+    assert quadratic_lines(text, BATCH, shape.height, shape.width) == []
+    assert _folded_depth_lines(text, shape) == []
+
+
+def test_kernels_run_on_each_devices_share_of_a_sharded_batch():
+    """Batch 128 over a 4-device mesh: each device's kernels take its 32 images (256 image-heads),
+    the factors computed by XLA outside ``shard_map``."""
+    shape, mesh = PAPER_SHAPES[0], _data_mesh()
+    specs = [PartitionSpec("data")] * 3 + [PartitionSpec()] * 2 + [PartitionSpec("data")]
+    args = [_sharded(x, mesh, spec) for x, spec in zip(_shape_args(shape), specs, strict=True)]
+    calls = [line for line in _export_vjp(shape, args, mesh).splitlines() if MOSAIC_CALL in line]
+    assert len(calls) == 3
+    for line in calls:  # every [G, ., .] operand and result: G = 32 images x 8 heads
+        assert set(re.findall(r"tensor<(\d+)x\d+x\d+x[a-z]", line)) == {str(BATCH // 4 * shape.heads)}
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+def test_float32_and_a_jax_without_the_kernels_fall_back_to_fold_and_triton(monkeypatch):
+    """Both installed JAX versions have what the kernels need; without it (or in float32, where
+    wgmma would need K-major operands) ``"mgpu"`` lowers to the fused path: Triton, folded depth."""
+    shape = PAPER_SHAPES[2]  # 8x8
+    assert relative_mgpu.available()
+    assert relative_mgpu.supported(jnp.bfloat16) and not relative_mgpu.supported(jnp.float32)
+    for text in (_export_vjp(shape, dtype=jnp.float32), None):
+        if text is None:
+            monkeypatch.setattr(relative_mgpu, "available", lambda: False)
+            text = _export_vjp(shape)
+        assert MOSAIC_CALL not in text
+        assert TRITON_CALL in text
+        assert _folded_depth_lines(text, shape)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "heads", "key_depth", "value_depth", "dtype"),
+    [
+        (1, 1, 2, 3, 2, jnp.bfloat16),
+        (3, 5, 2, 4, 3, jnp.float32),
+        (3, 5, 2, 4, 3, jnp.bfloat16),
+        (9, 13, 2, 4, 3, jnp.bfloat16),
+        (14, 14, 8, 20, 3, jnp.bfloat16),
+    ],
+)
+def test_on_the_device_mgpu_matches_dense(height, width, heads, key_depth, value_depth, dtype):
+    """``implementation="mgpu"`` as this platform runs it (a GPU: the kernels in bfloat16, fold +
+    Triton in float32; elsewhere fused's XLA route) against dense: values and all five gradients.
+    ``benchmarks/device.sh`` runs these first on a GPU."""
+    rng = np.random.default_rng(2240)
+    args = (*_qkv(rng, 2, height, width, heads, key_depth, value_depth), *_rel(rng, height, width, key_depth))
+    args = tuple(jnp.asarray(a, dtype) for a in args)
+    cotangent = jnp.asarray(rng.normal(size=(2, height, width, heads, value_depth)), dtype)
+    rounded = [a.astype(jnp.float32) for a in (*args, cotangent)]
+    want_out, want = _value_and_vjp(
+        functools.partial(F.self_attention_2d, implementation="dense"), tuple(rounded[:5]), rounded[5]
+    )
+    out, grads = _value_and_vjp(
+        functools.partial(F.self_attention_2d, implementation="mgpu"), args, cotangent
+    )
+    tolerance = 1e-4 if dtype == jnp.float32 else 4e-2
+    for name, got, w in zip(
+        ("out", "q", "k", "v", "rel_h", "rel_w"), (out, *grads), (want_out, *want), strict=True
+    ):
+        assert got.dtype == dtype, name
+        atol = tolerance * max(1.0, float(jnp.abs(w).max()))
+        np.testing.assert_allclose(got.astype(np.float32), w, rtol=0, atol=atol, err_msg=name)
