@@ -21,6 +21,7 @@ from aacn_jax.layers import POSITIONS, AugmentedConv, GatherExcite, SqueezeExcit
 
 __all__ = [
     "EXCITES",
+    "PADDINGS",
     "Augmentation",
     "ClassifierHead",
     "batch_norm",
@@ -28,10 +29,22 @@ __all__ = [
     "check_stages",
     "component_outputs",
     "conv",
+    "conv_padding",
     "excite_layer",
 ]
 
 EXCITES = (None, "se", "ge")
+PADDINGS = ("same", "symmetric")
+
+
+def conv_padding(kind: str, kernel_size: int) -> Any:
+    """``"same"``: XLA's SAME (a stride-2 convolution of an even size pads one row and column more at
+    the end, as TensorFlow); ``"symmetric"``: ``kernel_size // 2`` on every side, as PyTorch. Both give
+    ``ceil(size / stride)`` outputs for odd kernels; they differ in where the strided windows sit."""
+    if kind not in PADDINGS:
+        raise ValueError(f"conv_padding={kind!r} must be one of {PADDINGS}")
+    return "SAME" if kind == "same" else ((kernel_size // 2,) * 2,) * 2
+
 
 # He initialisation (fan_out), as in torchvision's and timm's ResNets.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -87,12 +100,15 @@ class Augmentation:
             features, self.kappa, self.upsilon, self.num_heads, self.min_key_depth_per_head
         )
 
-    def conv(self, features: int, kernel_size: int, strides: int, *, dtype: Any, name: str) -> AugmentedConv:
+    def conv(
+        self, features: int, kernel_size: int, strides: int, *, dtype: Any, name: str, padding: Any = "SAME"
+    ) -> AugmentedConv:
         dk, dv = self.depths(features)
         return AugmentedConv(
             features,
             kernel_size,
             strides,
+            padding=padding,
             dk=dk,
             dv=dv,
             num_heads=self.num_heads,
@@ -114,9 +130,10 @@ def conv(
     augmentation: Augmentation | None = None,
     padding: Any = "SAME",
 ) -> nn.Module:
-    """A bias-free ``k x k`` convolution, or its attention-augmented replacement."""
+    """A bias-free ``k x k`` convolution, or its attention-augmented replacement (``padding`` is its
+    convolution branch's)."""
     if augmentation is not None:
-        return augmentation.conv(features, kernel_size, strides, dtype=dtype, name=name)
+        return augmentation.conv(features, kernel_size, strides, dtype=dtype, name=name, padding=padding)
     return nn.Conv(
         features,
         (kernel_size, kernel_size),

@@ -23,6 +23,7 @@ from aacn_jax.models.blocks import (
     check_common,
     component_outputs,
     conv,
+    conv_padding,
     excite_layer,
     run_components,
 )
@@ -46,6 +47,7 @@ class _Residual(nn.Module):
     excite: str | None = None
     se_reduction: int = 16
     zero_init_residual: bool = True
+    padding: Any = "SAME"  # of the k x k convolutions (see blocks.conv_padding)
     dtype: Any = jnp.float32
 
     def _finish(self, x: jax.Array, y: jax.Array, *, train: bool) -> jax.Array:
@@ -67,11 +69,18 @@ class BasicBlock(_Residual):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype)
+        pad = dict(padding=self.padding)
         y = conv(
-            self.features, 3, self.strides, name="conv1", augmentation=self._augmentation("conv1"), **kw
+            self.features,
+            3,
+            self.strides,
+            name="conv1",
+            augmentation=self._augmentation("conv1"),
+            **kw,
+            **pad,
         )(x)
         y = nn.relu(batch_norm(train, name="bn1", **kw)(y))
-        y = conv(self.features, 3, 1, name="conv2", augmentation=self._augmentation("conv2"), **kw)(y)
+        y = conv(self.features, 3, 1, name="conv2", augmentation=self._augmentation("conv2"), **kw, **pad)(y)
         y = batch_norm(train, name="bn2", zero_init=self.zero_init_residual, **kw)(y)
         return self._finish(x, y, train=train)
 
@@ -85,7 +94,13 @@ class Bottleneck(_Residual):
         y = conv(self.features, 1, name="conv1", **kw)(x)
         y = nn.relu(batch_norm(train, name="bn1", **kw)(y))
         y = conv(
-            self.features, 3, self.strides, name="conv2", augmentation=self._augmentation("conv2"), **kw
+            self.features,
+            3,
+            self.strides,
+            name="conv2",
+            augmentation=self._augmentation("conv2"),
+            padding=self.padding,
+            **kw,
         )(y)
         y = nn.relu(batch_norm(train, name="bn2", **kw)(y))
         y = conv(4 * self.features, 1, name="conv3", **kw)(y)
@@ -124,6 +139,7 @@ class Stage(nn.Module):
     excite: str | None = None
     se_reduction: int = 16
     zero_init_residual: bool = True
+    padding: Any = "SAME"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -138,6 +154,7 @@ class Stage(nn.Module):
                 excite=self.excite,
                 se_reduction=self.se_reduction,
                 zero_init_residual=self.zero_init_residual,
+                padding=self.padding,
                 dtype=self.dtype,
                 name=f"block{i + 1}",
             )(x, train=train)
@@ -181,6 +198,10 @@ class ResNet(nn.Module):
         (parameter-free global Gather-Excite), on the residual branch before the addition.
       zero_init_residual: start the last BatchNorm scale of each residual branch at 0 (Goyal
         et al. 2017; not stated in the paper).
+      conv_padding: padding of the block 3x3 convolutions: ``"same"`` (XLA's SAME: a strided one pads
+        its extra row and column at the end, as TensorFlow) or ``"symmetric"`` (1 on every side, as
+        torchvision and timm: what their ImageNet weights expect, ``python -m train.convert``). The
+        stem's 7x7 convolution and max pool pad symmetrically either way.
       features_only: no classifier head (no ``head`` parameters, ``num_classes`` unused);
         ``__call__`` returns the outputs of the stages, e.g. as a detection backbone (C2..C5 at
         strides 4..32 with the ImageNet stem; :class:`aacn_jax.models.RetinaNet`).
@@ -205,6 +226,7 @@ class ResNet(nn.Module):
     excite: str | None = None
     se_reduction: int = 16
     zero_init_residual: bool = True
+    conv_padding: str = "same"
     features_only: bool = False
     dtype: Any = jnp.float32
 
@@ -228,6 +250,7 @@ class ResNet(nn.Module):
                 f"({len(self.stage_sizes)} stages)"
             )
         check_common(self, len(self.stage_sizes))
+        conv_padding(self.conv_padding, 3)  # validates it
         if self.augmented_convs is not None and not set(self.augmented_convs) <= set(BLOCKS[self.block]):
             raise ValueError(
                 f"augmented_convs={self.augmented_convs!r} must name convolutions of a {self.block} block: "
@@ -268,6 +291,7 @@ class ResNet(nn.Module):
                     excite=self.excite,
                     se_reduction=self.se_reduction,
                     zero_init_residual=self.zero_init_residual,
+                    padding=conv_padding(self.conv_padding, 3),
                     dtype=self.dtype,
                     name=f"stage{stage}",
                     **kw,
