@@ -145,3 +145,20 @@ def mean_pool_ref(x, window):
             cols = [c for c in range(j * window[1] - left, (j + 1) * window[1] - left) if 0 <= c < W]
             out[:, i, j] = x[:, rows][:, :, cols].mean(axis=(1, 2))
     return out, (top, left)
+
+
+def attention_loss_gradients_ref(args, cotangent, eps=1e-6):
+    """Central differences (step ``eps``, float64) of ``sum(self_attention_2d_ref(*args) * cotangent)``
+    with respect to each of ``args``: the gradients an implementation's backward pass must give."""
+    loss = lambda *a: float(np.sum(self_attention_2d_ref(*a) * cotangent))
+    gradients = []
+    for index, arg in enumerate(args):
+        expected = np.zeros_like(arg, dtype=np.float64)
+        for position in np.ndindex(arg.shape):
+            shifted = [list(args), list(args)]
+            for sign, variant in zip((1, -1), shifted, strict=True):
+                variant[index] = np.array(arg, np.float64)
+                variant[index][position] += sign * eps
+            expected[position] = (loss(*shifted[0]) - loss(*shifted[1])) / (2 * eps)
+        gradients.append(expected)
+    return gradients

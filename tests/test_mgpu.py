@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec
 from aacn_jax import functional as F
 from aacn_jax.functional import relative_mgpu
 from benchmarks.attention import PAPER_SHAPES
-from tests.reference import self_attention_2d_ref
+from tests.reference import attention_loss_gradients_ref, self_attention_2d_ref
 from tests.test_functional import _qkv, _rel
 from tests.test_lowering import (
     BATCH,
@@ -48,20 +48,12 @@ def _assert_gradients_match_central_differences(attention, args, cotangent):
     """Every input's float32 gradient of ``sum(attention(*args) * cotangent)`` against central
     differences of the float64 reference loops, to 1e-4 of the largest gradient plus 1e-6 (a map of
     width 1 has a zero rel_w gradient, which float32 rounding leaves at ~1e-7)."""
-    loss_ref = lambda *a: float(np.sum(self_attention_2d_ref(*a) * cotangent))
     loss = lambda *a: jnp.sum(attention(*a) * cotangent.astype(np.float32))
     grads = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*(a.astype(np.float32) for a in args))
-    eps = 1e-6
-    for index, (arg, grad) in enumerate(zip(args, grads, strict=True)):
-        expected = np.zeros_like(arg)
-        for position in np.ndindex(arg.shape):
-            shifted = [list(args), list(args)]
-            for sign, variant in zip((1, -1), shifted, strict=True):
-                variant[index] = arg.copy()
-                variant[index][position] += sign * eps
-            expected[position] = (loss_ref(*shifted[0]) - loss_ref(*shifted[1])) / (2 * eps)
-        atol = 1e-4 * np.abs(expected).max() + 1e-6
-        np.testing.assert_allclose(grad, expected, rtol=0, atol=atol, err_msg=f"argument {index}")
+    expected = attention_loss_gradients_ref(args, cotangent)
+    for index, (grad, want) in enumerate(zip(grads, expected, strict=True)):
+        atol = 1e-4 * np.abs(want).max() + 1e-6
+        np.testing.assert_allclose(grad, want, rtol=0, atol=atol, err_msg=f"argument {index}")
 
 
 @functools.partial(jax.jit, static_argnums=0)
