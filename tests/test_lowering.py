@@ -176,14 +176,24 @@ def test_kernels_run_on_each_devices_share_of_a_sharded_batch(platform):
 TRAIN_STEPS = [("aa_wrn28_10", 128, 32, (32, 16, 8)), ("aa_resnet50", 32, 224, (14, 7))]
 
 
-@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize(
+    ("platform", "implementation", "kernel_call"),
+    [
+        ("tpu", None, KERNEL_CALLS["tpu"]),
+        ("cuda", None, KERNEL_CALLS["cuda"]),
+        ("cuda", "mgpu", "mosaic_gpu"),
+    ],
+)
 @pytest.mark.parametrize(("name", "batch", "size", "attention_sizes"), TRAIN_STEPS)
-def test_train_step_lowers_to_the_fused_kernel(name, batch, size, attention_sizes, platform):
+def test_train_step_lowers_to_the_fused_kernel(
+    name, batch, size, attention_sizes, platform, implementation, kernel_call
+):
     """A whole bfloat16 train step (loss, gradients, SGD update) at the model's training resolution
-    with its default attention, as ``train.py`` runs it on 4 devices (batch split over a ``data``
-    mesh set with ``jax.set_mesh``, state replicated): fused kernels forward and backward at every
-    attention map size, each on one device's share of the batch, and no (HW)^2 array."""
-    model = models.create(name, num_classes=100, dtype=jnp.bfloat16)
+    with its default attention (and, on CUDA, the Mosaic GPU kernels of ``"mgpu"``), as
+    ``train/loop.py`` runs it on 4 devices (batch split over a ``data`` mesh set with
+    ``jax.set_mesh``, state replicated): kernels forward and backward at every attention map size,
+    each on one device's share of the batch, and no (HW)^2 array."""
+    model = models.create(name, num_classes=100, dtype=jnp.bfloat16, attention_implementation=implementation)
     tx = optax.sgd(0.1, momentum=0.9)
     image_shape = (size, size, 3)
     mesh = _data_mesh()
@@ -204,9 +214,13 @@ def test_train_step_lowers_to_the_fused_kernel(name, batch, size, attention_size
     )
     text = _export(step, (state, batch_arrays), platform, mesh)
     # Layers of one shape share their kernels' lowering: three calls (forward and backward) per map size.
-    calls = [line for line in text.splitlines() if KERNEL_CALLS[platform] in line and "custom_call" in line]
+    calls = [line for line in text.splitlines() if kernel_call in line and "custom_call" in line]
     assert len(calls) >= 3 * len(attention_sizes)
-    assert all(f"tensor<{batch // 4}x" in line for line in calls)
+    # One device's share: its images (the Mosaic GPU kernels take them times the 8 heads, [B*N, T, d]).
+    share = batch // 4 * (8 if implementation == "mgpu" else 1)
+    assert all(f"tensor<{share}x" in line for line in calls)
+    if implementation == "mgpu":  # the kernels add the relative factors: no Triton, no folded depth
+        assert KERNEL_CALLS["cuda"] not in text
     for side in attention_sizes:
         for images in (batch, batch // 4):
             assert quadratic_lines(text, images, side, side) == [], f"{side}x{side}"

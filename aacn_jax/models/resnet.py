@@ -192,8 +192,8 @@ class ResNet(nn.Module):
       kappa, upsilon, num_heads, min_key_depth_per_head: the paper's kappa = dk/Fout,
         upsilon = dv/Fout, Nh, and a floor on dk/Nh (see :func:`aacn_jax.layers.attention_depths`).
       attention_position: ``"relative"`` (paper), ``"none"``, ``"sinusoidal"``, ``"coordconv"``.
-      attention_implementation: ``"dense"``, ``"blockwise"``, ``"fused"`` or None (automatic: fused on
-        a TPU or NVIDIA GPU, by memory elsewhere).
+      attention_implementation: ``"dense"``, ``"blockwise"``, ``"fused"``, ``"mgpu"`` or None
+        (automatic: fused on a TPU or NVIDIA GPU, by memory elsewhere).
       excite: None, ``"se"`` (Squeeze-Excite, reduction ``se_reduction``) or ``"ge"``
         (parameter-free global Gather-Excite), on the residual branch before the addition.
       zero_init_residual: start the last BatchNorm scale of each residual branch at 0 (Goyal
