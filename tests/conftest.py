@@ -12,6 +12,7 @@ os.environ["XLA_FLAGS"] = (
     f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_FLAGS} --xla_force_host_platform_device_count=4"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # libtpu (tests/test_tpu_compile.py) locks a file per process
 
 import jax
 import pytest

@@ -18,7 +18,8 @@ their matmuls read q, k, v and the softmax weights as laid out, with no transpos
   the backward pass, as memory-efficient ("flash") attention does, so the largest temporary is
   one block's logits ``B*N*block_size*W*HW``.
 - ``implementation="fused"``: the relative logits folded into the dot product
-  (:mod:`aacn_jax.functional.fused`), then plain flash attention: the Pallas TPU kernel on a TPU,
+  (:mod:`aacn_jax.functional.fused`), then plain flash attention: the Pallas TPU kernel on a TPU
+  (its inputs in float32 on v2/v3, where Mosaic has no bfloat16 matmul),
   cuDNN or the Pallas Triton kernel on an NVIDIA GPU, the blockwise path elsewhere. On an
   accelerator no ``(HW)^2`` array, forward or backward.
 - ``implementation="mgpu"``: on an NVIDIA GPU the Mosaic GPU kernels of
@@ -66,6 +67,10 @@ DEFAULT_MEMORY_BUDGET_BYTES = 32 * 2**20  # dense logits allowed by implementati
 DEFAULT_BLOCK_BYTES = 8 * 2**20  # logits of one block when block_size=None
 _FUSED_VALUE_DEPTH = 8  # per-head value depth up to which _value_products avoids a matmul
 _F32 = jnp.float32
+# Mosaic multiplies bfloat16 matrices from TPU v4 on; for v3 (libtpu 0.0.42 and 0.0.50) the kernel
+# fails to compile ("CompileTimeMosaicUnsupportedRhsType: Unsupported matmul RHS type on target:
+# vector<128x128xbf16>"), in float32 it compiles: there the kernel takes float32 inputs.
+_TPUS_WITHOUT_BF16_MATMUL = ("TPU v2", "TPU v3")
 Array = jax.Array
 Table = jax.Array | None  # a relative table, or None for content-only attention
 
@@ -281,9 +286,22 @@ def _fused_attention(
         q, k = fold_relative_logits(q, k, table_h, table_w)
     heads_first = lambda kernel: lambda *qkv: jnp.moveaxis(on_tokens(kernel)(*qkv), 3, 1)
     xla = functools.partial(_xla_attention, table_h=None, table_w=None, dense=False, block_size=block_size)
-    tpu, cuda = heads_first(tpu_flash_attention), heads_first(gpu_flash_attention)
+    tpu_kernel = tpu_flash_attention
+    if _device_kind(q) in _TPUS_WITHOUT_BF16_MATMUL:
+        tpu_kernel = lambda q, k, v: tpu_flash_attention(*(x.astype(_F32) for x in (q, k, v))).astype(v.dtype)
+    tpu, cuda = heads_first(tpu_kernel), heads_first(gpu_flash_attention)
     attend = lambda q, k, v: jax.lax.platform_dependent(q, k, v, tpu=tpu, cuda=cuda, default=xla)
     return _per_device(attend, q, k, v)
+
+
+def _device_kind(x: Array) -> str:
+    """The kind of device ``x`` is laid out on, at trace time: its sharding's mesh, else the mesh
+    set by ``jax.set_mesh``, else this process's default device."""
+    for mesh in (getattr(jax.typeof(x).sharding, "mesh", None), jax.sharding.get_abstract_mesh()):
+        device = getattr(mesh, "abstract_device", None)
+        if device is not None:
+            return str(device.device_kind)
+    return str(jax.devices()[0].device_kind)
 
 
 def _mgpu_attention(
