@@ -14,8 +14,18 @@ import pytest
 from tests.train_helpers import REPO
 
 PACKAGES = ("aacn_jax", "train", "benchmarks")
-CLIS = ("train.__main__", "train.predict", "train.convert")
-LOOP_SIDE = ("train.loop", "train.state", "train.inference", "train.warm_start", "train.torch_weights", *CLIS)
+CLIS = ("train.__main__", "train.predict", "train.convert", "train.compile")
+LOOP_SIDE = (
+    "train.loop",
+    "train.program",
+    "train.state",
+    "train.aot",
+    "train.cli",
+    "train.inference",
+    "train.warm_start",
+    "train.torch_weights",
+    *CLIS,
+)
 
 
 def module_name(path: pathlib.Path) -> str:

@@ -23,7 +23,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding, 
 from aacn_jax import functional as F
 from aacn_jax import models
 from benchmarks.attention import PAPER_SHAPES
-from train import loop
+from train import program
 from train import state as train_state
 from train.tasks import classification
 
@@ -207,7 +207,7 @@ def test_train_step_lowers_to_the_fused_kernel(
     }
     batch_arrays = jax.tree.map(lambda x: _sharded(x, mesh, PartitionSpec("data")), batch_arrays)
     step = functools.partial(
-        loop.train_step,
+        program.train_step,
         rng=jax.random.key(0),
         lr_fn=lambda s: 0.1,
         loss_fn=functools.partial(classification.classification_loss, label_smoothing=0.1),

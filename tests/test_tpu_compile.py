@@ -23,7 +23,7 @@ from aacn_jax import functional as F
 from aacn_jax import models
 from aacn_jax.functional import fused
 from benchmarks.attention import PAPER_SHAPES
-from train import loop
+from train import program
 from train import state as train_state
 from train.tasks import classification
 
@@ -129,7 +129,7 @@ def test_data_parallel_train_step_compiles(topology):
         "label": _sharded((batch,), jnp.int32, mesh, PartitionSpec("data")),
     }
     step = functools.partial(
-        loop.train_step,
+        program.train_step,
         rng=jax.random.key(0),
         lr_fn=lambda s: 0.1,
         loss_fn=functools.partial(classification.classification_loss, label_smoothing=0.1),

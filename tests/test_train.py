@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from tests import train_helpers as helpers
-from train import checkpoint, loop, sharding
+from train import checkpoint, loop, program, sharding
 from train import state as train_state
 from train.data import digits, pipeline
 from train.tasks import classification
@@ -48,7 +48,7 @@ def test_sharded_step_equals_single_device_step():
     state0 = jax.jit(init)(jax.random.key(0))
     batch = next(pipeline.train_iterator(digits.digits(), batch_size=8, seed=0))
     step = jax.jit(
-        functools.partial(loop.train_step, rng=jax.random.key(1), lr_fn=lr_fn, loss_fn=SMOOTHED_LOSS)
+        functools.partial(program.train_step, rng=jax.random.key(1), lr_fn=lr_fn, loss_fn=SMOOTHED_LOSS)
     )
     results = []
     for devices in (jax.devices(), jax.devices()[:1]):

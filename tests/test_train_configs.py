@@ -17,6 +17,7 @@ RECIPES = {
     "default": "aa_resnet_cifar",
     "cifar100_wrn28_10": "wrn28_10",
     "cifar100_aa_wrn28_10": "aa_wrn28_10",
+    "quickstart": "aa_wrn28_10",
     "cifar100_se_wrn28_10": "se_wrn28_10",
     "cifar100_ge_wrn28_10": "ge_wrn28_10",
     "imagenet_resnet50": "resnet50",

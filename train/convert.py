@@ -17,19 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
-from train import torch_weights
+from train import cli, torch_weights
 from train.errors import InputError
 
 SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-
-
-def _fail(message: str) -> NoReturn:
-    sys.stderr.write(f"error: {message}\n")
-    sys.exit(2)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -67,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         torch_weights.write_workdir(args.workdir, config, record, variables)
     except InputError as error:
-        _fail(str(error) if str(error).startswith("--") else f"--weights {args.weights}: {error}")
+        cli.fail(str(error) if str(error).startswith("--") else f"--weights {args.weights}: {error}")
     print(
         f"wrote {args.workdir}: {args.model} with {record['num_classes']} classes "
         f"({len(record['class_names']) or 'no'} class names), the checkpoint of step 0",

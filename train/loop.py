@@ -14,10 +14,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 from tqdm import tqdm
@@ -26,59 +24,8 @@ from train import checkpoint, metrics, preemption, preflight, run_record, shardi
 from train.data import create_dataset, pipeline
 from train.data.dataset import Dataset
 from train.errors import InputError
-from train.state import TrainState, create_learning_rate_fn, create_model, create_optimizer, create_state
-from train.tasks import create_task
-
-
-def train_step(
-    state: TrainState,
-    batch: dict[str, jax.Array],
-    *,
-    rng: jax.Array,
-    lr_fn: optax.Schedule,
-    loss_fn: Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]],
-    skip_nonfinite: bool = False,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a global batch; BatchNorm statistics are over the global batch.
-
-    ``loss_fn(model outputs, batch) -> (loss, metrics)`` is the task's (:class:`~train.tasks.task.Task`);
-    its metrics join the step's.
-
-    Dropout (where a model has it) draws from ``fold_in(rng, step)``: a resumed run repeats it exactly.
-    Metric ``finite`` is False when the loss, the gradients or the new parameters are not finite; with
-    ``skip_nonfinite`` such a step keeps the old parameters, optimizer state and BatchNorm statistics
-    (the step counter still advances past the batch) and counts itself in ``skipped_steps``.
-    """
-
-    def compute_loss(params: Any) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
-        variables = {"params": params, "batch_stats": state.batch_stats}
-        outputs, updates = state.apply_fn(
-            variables,
-            batch["image"],
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": jax.random.fold_in(rng, state.step)},
-        )
-        loss, task_metrics = loss_fn(outputs, batch)
-        return loss, (task_metrics, updates["batch_stats"])
-
-    (loss, (task_metrics, batch_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
-    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(new_state.params)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
-    if skip_nonfinite:
-        skipped = state.replace(step=new_state.step, skipped_steps=state.skipped_steps + 1)
-        new_state = jax.tree.map(functools.partial(jnp.where, finite), new_state, skipped)
-    step_metrics = {
-        "loss": loss,
-        **task_metrics,
-        "learning_rate": lr_fn(state.step),
-        "grad_norm": grad_norm,
-        "param_norm": param_norm,
-        "finite": finite,
-        "skipped_steps": new_state.skipped_steps,
-    }
-    return new_state, step_metrics
+from train.program import build
+from train.state import TrainState
 
 
 def evaluate(
@@ -241,27 +188,12 @@ def _train_and_evaluate_on(
     """:func:`train_and_evaluate` once the mesh is made."""
     data = data or create_dataset(config)
     pipeline.check_dataset(data)
-    model = create_model(config, data.num_classes)
-    task = create_task(config, model, data)
-    steps_per_epoch = len(data.train) // config.batch_size
-    num_steps = config.num_train_steps
-    if num_steps <= 0:
-        num_steps = round(config.num_epochs * steps_per_epoch)
-    lr_fn = create_learning_rate_fn(config, steps_per_epoch, num_steps)
-    init = functools.partial(
-        create_state, model=model, tx=create_optimizer(config, lr_fn), image_shape=data.image_shape
-    )
-    init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-    replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    abstract_state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init, init_rng)
-    )
-    state_sharding = jax.tree.map(lambda x: x.sharding, abstract_state)
+    program = build(config, data, mesh, steps_per_epoch=len(data.train) // config.batch_size)
+    task, num_steps, abstract_state = program.task, program.num_steps, program.abstract_state
+    assert task.finish is not None  # the task of a Dataset evaluates on its test records
     evaluate_fn = functools.partial(
         evaluate,
-        p_eval_step=jax.jit(
-            task.eval_step, in_shardings=(state_sharding, batch_sharded), out_shardings=replicated
-        ),
+        p_eval_step=program.eval_step,
         finish=task.finish,
         batches=pipeline.test_batches(data, batch_size=config.batch_size, workers=config.data_workers),
         mesh=mesh,
@@ -297,27 +229,18 @@ def _train_and_evaluate_on(
                 raise InputError(f"--eval_only: no checkpoint in {manager.directory}: train first")
             state = checkpoint.restore(manager, abstract_state)
         else:
-            p_train_step = jax.jit(
-                functools.partial(
-                    train_step,
-                    rng=dropout_rng,
-                    lr_fn=lr_fn,
-                    loss_fn=task.loss_fn,
-                    skip_nonfinite=config.nonfinite_policy == "skip",
-                ),
-                in_shardings=(state_sharding, batch_sharded),
-                out_shardings=(state_sharding, replicated),
-                donate_argnums=0,
-            )
             with preemption.StopRequests() as stop:
                 train_iter = pipeline.train_iterator(
                     data, batch_size=config.batch_size, seed=config.seed, workers=config.data_workers
                 )
                 if manager.latest_step() is None:
-                    state = jax.jit(init, out_shardings=state_sharding)(init_rng)
+                    state = program.init()
                     if config.init_from:
                         state = warm_start.start_from(
-                            state, config.init_from, state_sharding, verbose=writer.active
+                            state,
+                            config.init_from,
+                            jax.tree.map(lambda x: x.sharding, abstract_state),
+                            verbose=writer.active,
                         )
                 else:
                     state = checkpoint.restore(manager, abstract_state, train_iter)
@@ -331,7 +254,7 @@ def _train_and_evaluate_on(
                     config,
                     state,
                     train_iter,
-                    p_train_step,
+                    program.train_step,
                     evaluate_fn,
                     num_steps=num_steps,
                     mesh=mesh,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,7 +34,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from train import checkpoint, run_record
+from train import checkpoint, cli, run_record
 from train.data.coco import picture_box
 from train.inference import (
     classify,
@@ -123,38 +122,35 @@ def top_classes(probabilities: np.ndarray, class_names: Sequence[str], k: int) -
     return rows
 
 
-def _fail(message: str) -> None:
-    sys.stderr.write(f"error: {message}\n")
-    sys.exit(2)
-
-
 def _check_inputs(args: argparse.Namespace) -> None:
     """Every bad input named in one line, before any work."""
     for name in (run_record.CONFIG_FILE, run_record.DATASET_FILE):
         if not os.path.exists(os.path.join(args.workdir, name)):
-            _fail(f"--workdir {args.workdir} has no {name}: give the workdir of a python -m train run")
+            cli.fail(f"--workdir {args.workdir} has no {name}: give the workdir of a python -m train run")
     steps = checkpoint.saved_steps(args.workdir)
     if not steps:
-        _fail(f"--workdir {args.workdir} has no checkpoint yet: train first (python -m train --workdir ...)")
+        cli.fail(
+            f"--workdir {args.workdir} has no checkpoint yet: train first (python -m train --workdir ...)"
+        )
     if args.step is not None and args.step not in steps:
-        _fail(f"--step {args.step}: no such checkpoint in {args.workdir}: give one of {steps}")
+        cli.fail(f"--step {args.step}: no such checkpoint in {args.workdir}: give one of {steps}")
     for name in ("top", "batch_size"):
         if getattr(args, name) < 1:
-            _fail(f"--{name} {getattr(args, name)}: give a positive number")
+            cli.fail(f"--{name} {getattr(args, name)}: give a positive number")
     for path in args.images:
         try:
             with Image.open(path) as picture:
                 picture.verify()
         except (OSError, SyntaxError) as error:
-            _fail(f"image {path} cannot be decoded ({error}): give PNG or JPEG files")
+            cli.fail(f"image {path} cannot be decoded ({error}): give PNG or JPEG files")
     if args.draw and (not os.path.isdir(args.draw) or not os.access(args.draw, os.W_OK)):
-        _fail(f"--draw {args.draw}: not a writable folder: create it or give another")
+        cli.fail(f"--draw {args.draw}: not a writable folder: create it or give another")
     if run_record.read_dataset(args.workdir).get("task") == "detection" and args.export:
-        _fail("--export: exports classifiers only; a detection run's outputs need its post-processing")
+        cli.fail("--export: exports classifiers only; a detection run's outputs need its post-processing")
     if args.export:
         folder = os.path.dirname(os.path.abspath(args.export))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            _fail(f"--export {args.export}: cannot write in {folder}: give a path in a writable folder")
+            cli.fail(f"--export {args.export}: cannot write in {folder}: give a path in a writable folder")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -203,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             exported = export_inference(model, variables, dataset["image_shape"], batch, args.export_platform)
         except RuntimeError as error:  # JAX 0.12 lowers the GPU Triton kernel only on a GPU machine
-            _fail(f"--export_platform {args.export_platform}: {error}: export on a machine with one")
+            cli.fail(f"--export_platform {args.export_platform}: {error}: export on a machine with one")
         artifact = exported.serialize()
     rows = classify(model, variables, images, batch)
     for path, text in zip(args.images, top_classes(rows, dataset["class_names"], args.top), strict=True):

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 
 from train.data import cifar, coco, digits, imagenet, same_different, shapes
-from train.data.dataset import Dataset, Entry
+from train.data.dataset import Dataset, Entry, Layout
 from train.errors import InputError
 
 REGISTRY: dict[str, Entry] = {
@@ -35,6 +35,11 @@ def entry(name: str) -> Entry:
 def create_dataset(config: ml_collections.ConfigDict) -> Dataset:
     """The data set named by ``config.dataset``."""
     return entry(config.dataset).create(config)
+
+
+def layout(config: ml_collections.ConfigDict) -> Layout:
+    """The layout of the data set named by ``config.dataset``, reading no data."""
+    return entry(config.dataset).layout(config)
 
 
 def read_picture(dataset: str, image_size: int, path: str) -> np.ndarray:

@@ -13,7 +13,7 @@ from typing import IO, Any
 import ml_collections
 import numpy as np
 
-from train.data.dataset import ArraySource, Dataset, Entry
+from train.data.dataset import ArraySource, Dataset, Entry, Layout
 from train.data.download import fetch
 from train.data.transforms import normalize, pad_crop_flip, resized_picture
 
@@ -37,6 +37,7 @@ FILES: dict[str, dict[str, Any]] = {
         meta=("cifar-100-python/meta", b"fine_label_names"),
     ),
 }
+IMAGE_SHAPE = (32, 32, 3)
 MEAN, STD = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)
 TEST_TRANSFORM = functools.partial(normalize, mean=MEAN, std=STD)
 
@@ -71,7 +72,7 @@ def cifar(name: str, data_dir: str, *, download: bool) -> Dataset:
         train,
         test,
         num_classes=spec["num_classes"],
-        image_shape=(32, 32, 3),
+        image_shape=IMAGE_SHAPE,
         train_transform=functools.partial(pad_crop_flip, pad=4, mean=MEAN, std=STD),
         test_transform=TEST_TRANSFORM,
         class_names=names,
@@ -90,4 +91,8 @@ def entry(name: str) -> Entry:
     def create(config: ml_collections.ConfigDict) -> Dataset:
         return cifar(name, os.path.expanduser(config.data_dir), download=config.download)
 
-    return Entry(create, read_picture)
+    def layout(config: ml_collections.ConfigDict) -> Layout:
+        del config  # always 32x32
+        return Layout(num_classes=FILES[name]["num_classes"], image_shape=IMAGE_SHAPE)
+
+    return Entry(create, layout, read_picture)

@@ -35,10 +35,11 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from train.data.dataset import Dataset, Entry, Record
+from train.data.dataset import Dataset, Entry, Layout, Record
 from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from train.errors import InputError, MissingDataError
 
+NUM_CATEGORIES = 80  # COCO 2017's instance categories
 BOX_TOLERANCE = 1.0  # pixels a COCO box may reach past its image (rounding in the annotations)
 
 
@@ -231,20 +232,28 @@ def coco_sources(data_dir: str) -> tuple[CocoSource, CocoSource]:
     return sources[0], sources[1]
 
 
+def detection_layout(num_classes: int, image_size: int, max_boxes: int) -> Layout:
+    """The records of :func:`resize_pad` at ``image_size x image_size``."""
+    return Layout(
+        num_classes=num_classes,
+        image_shape=(image_size, image_size, 3),
+        task="detection",
+        max_boxes=max_boxes,
+    )
+
+
 def detection_dataset(sources: tuple[CocoSource, CocoSource], image_size: int, max_boxes: int) -> Dataset:
     """A detection data set of COCO-format training and test sources, at ``image_size x image_size``."""
     train, test = sources
     transform = functools.partial(resize_pad, size=image_size, max_boxes=max_boxes)
+    layout = detection_layout(len(category_ids(train.instances)), image_size, max_boxes)
     return Dataset(
         train,
         test,
-        num_classes=len(category_ids(train.instances)),
-        image_shape=(image_size, image_size, 3),
+        **dataclasses.asdict(layout),
         train_transform=transform,
         test_transform=functools.partial(transform, rng=None),
         class_names=class_names(train.instances),
-        task="detection",
-        max_boxes=max_boxes,
     )
 
 
@@ -253,4 +262,8 @@ def create(config: ml_collections.ConfigDict) -> Dataset:
     return detection_dataset(sources, config.image_size, config.detection.max_boxes)
 
 
-ENTRY = Entry(create)
+def layout(config: ml_collections.ConfigDict) -> Layout:
+    return detection_layout(NUM_CATEGORIES, config.image_size, config.detection.max_boxes)
+
+
+ENTRY = Entry(create, layout)

@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -23,31 +24,24 @@ class RecordSource(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
-class Dataset:
-    """Random-access record sources and the transforms that finish them.
+class Layout:
+    """What a data set's transformed records are, without any record: all that compiling a run needs
+    (``train.aot``). Every registry entry states its layout without reading data (:class:`Entry`).
 
     Attributes:
-      train, test: sequences of raw records (``{'image', 'label'}`` for classification).
       num_classes: number of labels.
       image_shape: ``(H, W, C)`` of a transformed image.
-      train_transform: ``(record, rng) -> record`` with augmentation.
-      test_transform: ``record -> record``.
-      class_names: the label names, where the data set has them (else empty).
       task: what the records are for: ``"classification"`` or ``"detection"`` (records ``{'image',
         'boxes', 'classes', 'valid', 'image_id', 'scale'}`` with ``max_boxes`` box rows, see
         ``train/data/coco.py``). The training loop takes the task from here.
       max_boxes: a detection data set's box rows per record; 0 for classification.
     """
 
-    train: RecordSource
-    test: RecordSource
-    num_classes: int
-    image_shape: tuple[int, int, int]
-    train_transform: Callable[[Record, np.random.Generator], Record]
-    test_transform: Callable[[Record], Record]
-    class_names: tuple[str, ...] = ()
-    task: str = "classification"
-    max_boxes: int = 0
+    # kw_only: Dataset's sources come first, positionally
+    num_classes: int = dataclasses.field(kw_only=True)
+    image_shape: tuple[int, int, int] = dataclasses.field(kw_only=True)
+    task: str = dataclasses.field(default="classification", kw_only=True)
+    max_boxes: int = dataclasses.field(default=0, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -57,6 +51,45 @@ class Dataset:
                 f"Dataset task={self.task!r} with max_boxes={self.max_boxes}: a detection data set has "
                 "max_boxes >= 1, a classification one 0"
             )
+
+    def batch_shapes(self, batch_size: int, *, test: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+        """The arrays of a batch of ``batch_size`` transformed records, as the pipelines
+        (``train/data/pipeline.py``) yield them; test batches add ``mask`` (0 for padding)."""
+        fields: dict[str, tuple[tuple[int, ...], Any]] = {"image": (self.image_shape, np.float32)}
+        if self.task == "detection":
+            fields |= {
+                "boxes": ((self.max_boxes, 4), np.float32),
+                "classes": ((self.max_boxes,), np.int32),
+                "valid": ((self.max_boxes,), np.bool_),
+                "image_id": ((), np.int32),
+                "scale": ((), np.float32),
+            }
+        else:
+            fields["label"] = ((), np.int32)
+        if test:
+            fields["mask"] = ((), np.float32)
+        return {
+            name: jax.ShapeDtypeStruct((batch_size, *shape), dtype) for name, (shape, dtype) in fields.items()
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset(Layout):
+    """Random-access record sources and the transforms that finish them, and their :class:`Layout`
+    (``num_classes``, ``image_shape``, ``task``, ``max_boxes``: keyword arguments).
+
+    Attributes:
+      train, test: sequences of raw records (``{'image', 'label'}`` for classification).
+      train_transform: ``(record, rng) -> record`` with augmentation.
+      test_transform: ``record -> record``.
+      class_names: the label names, where the data set has them (else empty).
+    """
+
+    train: RecordSource
+    test: RecordSource
+    train_transform: Callable[[Record, np.random.Generator], Record]
+    test_transform: Callable[[Record], Record]
+    class_names: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +112,13 @@ class Entry:
 
     Attributes:
       create: ``config -> Dataset`` (reads ``data_dir``, ``image_size``, ... as the data set needs).
+      layout: ``config -> Layout``, reading no data: the layout of the full data set (a reduced
+        ImageNet tree or COCO-format folder may have fewer classes; ``create`` counts them).
       read_picture: ``(picture file, image_size) -> model input`` prepared as the test records are,
         for classifying any PNG or JPEG without the data set; None for detection data sets (their
         pictures are resized and padded with a scale: ``train.inference.prepare_detection``).
     """
 
     create: Callable[[ml_collections.ConfigDict], Dataset]
+    layout: Callable[[ml_collections.ConfigDict], Layout]
     read_picture: Callable[[str, int], np.ndarray] | None = None

@@ -9,11 +9,12 @@ import functools
 import ml_collections
 import numpy as np
 
-from train.data.dataset import ArraySource, Dataset, Entry
+from train.data.dataset import ArraySource, Dataset, Entry, Layout
 from train.data.transforms import normalize, resized_picture, without_augmentation
 
 MEAN, STD = (4.886,), (6.018,)  # of the training split, on the 0..16 scale
 TEST_TRANSFORM = functools.partial(normalize, mean=MEAN, std=STD)
+LAYOUT = Layout(num_classes=10, image_shape=(8, 8, 1))
 
 
 def digits() -> Dataset:
@@ -28,8 +29,8 @@ def digits() -> Dataset:
     return Dataset(
         ArraySource(train_x, train_y),
         ArraySource(test_x, test_y),
-        num_classes=10,
-        image_shape=(8, 8, 1),
+        num_classes=LAYOUT.num_classes,
+        image_shape=LAYOUT.image_shape,
         train_transform=functools.partial(without_augmentation, transform=TEST_TRANSFORM),
         test_transform=TEST_TRANSFORM,
         class_names=tuple(str(digit) for digit in range(10)),
@@ -48,4 +49,4 @@ def create(config: ml_collections.ConfigDict) -> Dataset:
     return digits()
 
 
-ENTRY = Entry(create, read_picture)
+ENTRY = Entry(create, lambda config: LAYOUT, read_picture)

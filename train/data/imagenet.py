@@ -13,9 +13,11 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from train.data.dataset import Dataset, Entry, Record, RecordSource
+from train.data.dataset import Dataset, Entry, Layout, Record, RecordSource
 from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_flip, resize_center_crop
 from train.errors import MissingDataError
+
+NUM_CLASSES = 1000  # ILSVRC-2012
 
 
 class ImageFolderSource:
@@ -62,7 +64,7 @@ def imagenet(data_dir: str, *, image_size: int) -> Dataset:
             tfds.data_source("imagenet2012", split=split, data_dir=data_dir, decoders=keep_jpeg)
             for split in ("train", "validation")
         )
-        num_classes = 1000
+        num_classes = NUM_CLASSES
     stats: dict[str, Any] = dict(size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return Dataset(
         train,
@@ -84,4 +86,8 @@ def create(config: ml_collections.ConfigDict) -> Dataset:
     return imagenet(os.path.expanduser(config.data_dir), image_size=config.image_size)
 
 
-ENTRY = Entry(create, read_picture)
+def layout(config: ml_collections.ConfigDict) -> Layout:
+    return Layout(num_classes=NUM_CLASSES, image_shape=(config.image_size, config.image_size, 3))
+
+
+ENTRY = Entry(create, layout, read_picture)

@@ -49,7 +49,7 @@ import functools
 import ml_collections
 import numpy as np
 
-from train.data.dataset import ArraySource, Dataset, Entry
+from train.data.dataset import ArraySource, Dataset, Entry, Layout
 from train.data.transforms import flip_normalize, normalize, resized_picture
 
 # K = 8 glyphs, 3x3, 5 on-pixels each, no 2x2 solid block (a distractor's shape) inside any of them.
@@ -152,6 +152,7 @@ def generate(num_images: int, seed: int, size: int = 16) -> Sample:
 
 
 DATASET_SIZE, TRAIN_IMAGES, TEST_IMAGES = 16, 4000, 2000
+LAYOUT = Layout(num_classes=2, image_shape=(DATASET_SIZE, DATASET_SIZE, 3))
 # Per-channel mean and standard deviation of every pixel of the training split
 # (generate(4000, seed=0), 0..255 scale), computed once with float64 numpy;
 # tests/test_same_different.py recomputes them.
@@ -173,8 +174,8 @@ def same_different() -> Dataset:
     return Dataset(
         ArraySource(train.images, train.labels),
         ArraySource(test.images, test.labels),
-        num_classes=2,
-        image_shape=(DATASET_SIZE, DATASET_SIZE, 3),
+        num_classes=LAYOUT.num_classes,
+        image_shape=LAYOUT.image_shape,
         train_transform=functools.partial(flip_normalize, mean=MEAN, std=STD),
         test_transform=TEST_TRANSFORM,
         class_names=("different", "same"),
@@ -193,4 +194,4 @@ def create(config: ml_collections.ConfigDict) -> Dataset:
     return same_different()
 
 
-ENTRY = Entry(create, read_picture)
+ENTRY = Entry(create, lambda config: LAYOUT, read_picture)

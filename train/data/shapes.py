@@ -25,8 +25,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from train.data.coco import CocoSource, detection_dataset
-from train.data.dataset import Dataset, Entry
+from train.data.coco import CocoSource, detection_dataset, detection_layout
+from train.data.dataset import Dataset, Entry, Layout
 
 CLASSES = ("circle", "square", "triangle")
 MIN_SIDE, GAP, CLUTTER_MAX = 10, 2, 6
@@ -154,4 +154,8 @@ def create(config: ml_collections.ConfigDict) -> Dataset:
     return detection_dataset(shapes_sources(), DATASET_SIZE, config.detection.max_boxes)
 
 
-ENTRY = Entry(create)
+def layout(config: ml_collections.ConfigDict) -> Layout:
+    return detection_layout(len(CLASSES), DATASET_SIZE, config.detection.max_boxes)
+
+
+ENTRY = Entry(create, layout)

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from train.data.dataset import Layout
 from train.tasks.task import Batch, Task
 
 
@@ -58,7 +59,7 @@ def classification_headline(results: dict[str, float]) -> str:
     return f"top-1 {results['top1']:.2%} (top-5 {results['top5']:.2%}, loss {results['loss']:.4f})"
 
 
-def classification_task(config: ml_collections.ConfigDict, model: Any, data: Any) -> Task:
+def classification_task(config: ml_collections.ConfigDict, model: Any, data: Layout) -> Task:
     del model, data  # any classifier, any classification data set
     return Task(
         functools.partial(classification_loss, label_smoothing=config.label_smoothing),

@@ -20,6 +20,7 @@ import numpy as np
 
 from aacn_jax import detection
 from train.data import coco
+from train.data.dataset import Dataset, Layout
 from train.errors import InputError
 from train.tasks import coco_eval
 from train.tasks.task import Batch, Task
@@ -123,22 +124,26 @@ def detection_headline(results: dict[str, float]) -> str:
     )
 
 
-def detection_task(config: ml_collections.ConfigDict, model: Any, data: Any) -> Task:
+def detection_task(config: ml_collections.ConfigDict, model: Any, data: Layout) -> Task:
     """The detection :class:`~train.tasks.task.Task` of a RetinaNet ``model`` on a COCO-format ``data``
-    set, with the run's ``config.detection`` settings."""
+    set, with the run's ``config.detection`` settings; of a :class:`~train.data.dataset.Layout` alone
+    (compiling a run), without ``finish``."""
     if not hasattr(model, "anchor_boxes"):
         raise InputError(
             "task='detection' needs a detection model (e.g. 'aa_retinanet_resnet50'), "
             f"got {type(model).__name__}"
         )
-    if not isinstance(data.test, coco.CocoSource):
-        raise ValueError("task='detection' evaluates against COCO-format test instances (a CocoSource)")
-    image_size = tuple(data.image_shape[:2])
+    finish = None
+    if isinstance(data, Dataset):
+        if not isinstance(data.test, coco.CocoSource):
+            raise ValueError("task='detection' evaluates against COCO-format test instances (a CocoSource)")
+        finish = functools.partial(coco_results, instances=data.test.instances)
+    image_size = (data.image_shape[0], data.image_shape[1])
     anchors = model.anchor_boxes(image_size)
     plain = config.detection.to_dict()
     return Task(
         functools.partial(detection_loss, anchors=anchors, settings=plain),
         functools.partial(detection_eval_step, anchors=anchors, image_size=image_size, settings=plain),
-        functools.partial(coco_results, instances=data.test.instances),
+        finish,
         detection_headline,
     )

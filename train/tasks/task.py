@@ -19,14 +19,17 @@ Batch = dict[str, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """Attributes:
-    loss_fn: ``(model outputs, batch) -> (loss, metrics)``, differentiable, inside the train step.
-    eval_step: ``(state, batch) -> outputs``, jitted; its outputs are replicated to every process.
-    finish: ``[host copies of every test batch's outputs] -> results`` (floats by name).
-    headline: ``results -> str``, the final line's summary.
+    """What differs between classification and detection, as functions the loop calls.
+
+    Attributes:
+      loss_fn: ``(model outputs, batch) -> (loss, metrics)``, differentiable, inside the train step.
+      eval_step: ``(state, batch) -> outputs``, jitted; its outputs are replicated to every process.
+      finish: ``[host copies of every test batch's outputs] -> results`` (floats by name); None
+        where the task was made for a :class:`~train.data.dataset.Layout` alone, without a test set.
+      headline: ``results -> str``, the final line's summary.
     """
 
     loss_fn: Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]]
     eval_step: Callable[[Any, Batch], dict[str, jax.Array]]
-    finish: Callable[[list[dict[str, np.ndarray]]], dict[str, float]]
+    finish: Callable[[list[dict[str, np.ndarray]]], dict[str, float]] | None
     headline: Callable[[dict[str, float]], str]
