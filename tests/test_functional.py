@@ -674,3 +674,55 @@ def test_rel_to_abs_bad_last_dim_raises():
     x = np.zeros((2, 3, 6), np.float32)  # should be 2*3-1 = 5
     with pytest.raises(ValueError):
         F.rel_to_abs(x)
+
+
+# ----------------------------------------------------------------------------
+# the TPU route: folded, chunked over images, recomputed in the backward pass
+# ----------------------------------------------------------------------------
+
+
+def _tokens_attention(q, k, v):
+    """Plain softmax attention on ``[B, T, N, d]`` tokens, q already scaled: the kernel's contract."""
+    logits = jnp.einsum("bqnd,bknd->bnqk", q, k)
+    return jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(logits, axis=-1), v)
+
+
+def _tpu_route(images_per_chunk, q, k, v, rel_h=None, rel_w=None):
+    """``self_attention_2d``'s TPU route (its scaling and tables), a kernel on tokens written out in
+    jnp in place of the Pallas one (whose own tests are in tests/test_fused.py; its interpreter's
+    callbacks cannot be recomputed by ``jax.checkpoint``)."""
+    from aacn_jax.functional import fused
+
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    tables = (None, None) if rel_h is None else (F.absolute_table(rel_h), F.absolute_table(rel_w))
+    return fused.tpu_relative_attention(
+        q, k, v.astype(q.dtype), *tables, kernel=_tokens_attention, images_per_chunk=images_per_chunk
+    )
+
+
+@pytest.mark.parametrize("use_rel", [False, True])
+def test_tpu_route_in_chunks_matches_the_float64_reference(use_rel):
+    """Four images in two chunks of two, each chunk's folding and kernel recomputed by the backward
+    pass: values and every input's gradient against the reference, so no chunk sees another's
+    images or gradients."""
+    rng = np.random.default_rng(640)
+    B, H, W, N, dk, dv = 4, 2, 3, 2, 3, 2
+    args = [*_qkv(rng, B, H, W, N, dk, dv, dtype=np.float64), *_rel(rng, H, W, dk, dtype=np.float64)]
+    args = args if use_rel else args[:3]
+    cotangent = rng.normal(size=(B, H, W, N, dv))
+    attention = functools.partial(_tpu_route, 2)
+    _assert_close(attention(*(a.astype(np.float32) for a in args)), self_attention_2d_ref(*args))
+    _assert_gradients_match_central_differences(attention, args, cotangent)
+
+
+def test_tpu_chunks_divide_the_batch_and_fit_the_budget():
+    """The most images whose float32 [images, N, tokens padded to 128, 128] array fits 32 MiB, a
+    divisor of the batch: 8 of 128 at 32x32 with 8 heads (4 MiB an image), 64 at 8x8 (0.5 MiB)."""
+    from aacn_jax.functional import fused
+
+    assert fused.tpu_images_per_chunk(128, 32, 32, 8) == 8
+    assert fused.tpu_images_per_chunk(128, 8, 8, 8) == 64
+    assert fused.tpu_images_per_chunk(12, 32, 32, 8) == 6
+    assert fused.tpu_images_per_chunk(7, 56, 56, 8) == 1  # 12.5 MiB an image: 2 fit, 7 is prime
+    with pytest.raises(ValueError, match="images_per_chunk=3 must divide the batch 4"):
+        _tpu_route(3, *_qkv(np.random.default_rng(0), 4, 2, 2, 1, 2, 1))

@@ -22,6 +22,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding, 
 
 from aacn_jax import functional as F
 from aacn_jax import models
+from aacn_jax.functional import fused
 from benchmarks.attention import PAPER_SHAPES
 from train import program
 from train import state as train_state
@@ -113,6 +114,14 @@ def _attention_vjp(implementation):
     return run
 
 
+def _images_per_call(platform: str, share: int, sides) -> set[int]:
+    """The images a kernel call sees from one device's ``share``: all of them, or on a TPU the
+    chunk that ``tpu_relative_attention`` attends to at once at each map size (8 heads)."""
+    if platform != "tpu":
+        return {share}
+    return {fused.tpu_images_per_chunk(share, side, side, 8) for side in sides}
+
+
 def _shape_args(shape, dtype=jnp.bfloat16):
     q, k, v, rel_h, rel_w, cotangent = jax.eval_shape(shape.arrays)
     return tuple(
@@ -160,16 +169,18 @@ def test_default_keeps_the_xla_paths_where_fused_has_no_kernel():
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_kernels_run_on_each_devices_share_of_a_sharded_batch(platform):
     """Batch 128 split over a 4-device mesh: XLA cannot partition a Pallas kernel, so each device
-    must call it on its 32 images (``shard_map`` under ``jax.set_mesh``); without that the export
-    fails ("Mosaic kernels cannot be automatically partitioned")."""
+    must call it on its 32 images (``shard_map`` under ``jax.set_mesh``; on a TPU a chunk of them
+    at a time); without that the export fails ("Mosaic kernels cannot be automatically partitioned")."""
     shape, mesh = PAPER_SHAPES[0], _data_mesh()
     specs = [PartitionSpec("data")] * 3 + [PartitionSpec()] * 2 + [PartitionSpec("data")]
     args = [_sharded(x, mesh, spec) for x, spec in zip(_shape_args(shape), specs, strict=True)]
     text = _export(_attention_vjp(None), args, platform, mesh)
     calls = [line for line in text.splitlines() if KERNEL_CALLS[platform] in line and "custom_call" in line]
     assert len(calls) >= 3
-    assert all(f"tensor<{BATCH // 4}x" in line and f"tensor<{BATCH}x" not in line for line in calls)
-    for batch in (BATCH, BATCH // 4):
+    images = _images_per_call(platform, BATCH // 4, [shape.height])
+    assert all(any(f"tensor<{n}x" in line for n in images) for line in calls)
+    assert not any(f"tensor<{BATCH}x" in line for line in calls)
+    for batch in (BATCH, BATCH // 4, *images):
         assert quadratic_lines(text, batch, shape.height, shape.width) == []
 
 
@@ -218,9 +229,10 @@ def test_train_step_lowers_to_the_fused_kernel(
     assert len(calls) >= 3 * len(attention_sizes)
     # One device's share: its images (the Mosaic GPU kernels take them times the 8 heads, [B*N, T, d]).
     share = batch // 4 * (8 if implementation == "mgpu" else 1)
-    assert all(f"tensor<{share}x" in line for line in calls)
+    images = _images_per_call(platform, share, attention_sizes)
+    assert all(any(f"tensor<{n}x" in line for n in images) for line in calls)
     if implementation == "mgpu":  # the kernels add the relative factors: no Triton, no folded depth
         assert KERNEL_CALLS["cuda"] not in text
     for side in attention_sizes:
-        for images in (batch, batch // 4):
-            assert quadratic_lines(text, images, side, side) == [], f"{side}x{side}"
+        for count in (batch, batch // 4, *images):
+            assert quadratic_lines(text, count, side, side) == [], f"{side}x{side}"

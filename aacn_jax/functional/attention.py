@@ -48,6 +48,7 @@ from aacn_jax.functional.fused import (
     gpu_flash_attention,
     on_tokens,
     tpu_flash_attention,
+    tpu_relative_attention,
 )
 from aacn_jax.functional.relative import absolute_table, check_tables, heads_first_logit_factors
 
@@ -281,17 +282,34 @@ def _xla_attention(
 def _fused_attention(
     q: Array, k: Array, v: Array, table_h: Table, table_w: Table, *, block_size: int | None
 ) -> Array:
-    """Relative logits folded into q and k, then plain flash attention chosen per platform."""
-    if table_h is not None and table_w is not None:
-        q, k = fold_relative_logits(q, k, table_h, table_w)
-    heads_first = lambda kernel: lambda *qkv: jnp.moveaxis(on_tokens(kernel)(*qkv), 3, 1)
-    xla = functools.partial(_xla_attention, table_h=None, table_w=None, dense=False, block_size=block_size)
+    """Relative logits folded into q and k, then plain flash attention chosen per platform.
+
+    On a TPU the folding and the kernel run a few images at a time and are recomputed in the
+    backward pass (:func:`~aacn_jax.functional.fused.tpu_relative_attention`: what that does to
+    the TPU's memory and why).
+    """
+
+    def folded(kernel: Callable[..., Array]) -> Callable[..., Array]:
+        def attend(q: Array, k: Array, v: Array, table_h: Table, table_w: Table) -> Array:
+            if table_h is not None and table_w is not None:
+                q, k = fold_relative_logits(q, k, table_h, table_w)
+            return jnp.moveaxis(on_tokens(kernel)(q, k, v), 3, 1)
+
+        return attend
+
+    def xla(q: Array, k: Array, v: Array, table_h: Table, table_w: Table) -> Array:
+        if table_h is not None and table_w is not None:
+            q, k = fold_relative_logits(q, k, table_h, table_w)
+        return _xla_attention(q, k, v, None, None, dense=False, block_size=block_size)
+
     tpu_kernel = tpu_flash_attention
     if _device_kind(q) in _TPUS_WITHOUT_BF16_MATMUL:
         tpu_kernel = lambda q, k, v: tpu_flash_attention(*(x.astype(_F32) for x in (q, k, v))).astype(v.dtype)
-    tpu, cuda = heads_first(tpu_kernel), heads_first(gpu_flash_attention)
-    attend = lambda q, k, v: jax.lax.platform_dependent(q, k, v, tpu=tpu, cuda=cuda, default=xla)
-    return _per_device(attend, q, k, v)
+    tpu = lambda *args: jnp.moveaxis(tpu_relative_attention(*args, kernel=tpu_kernel), 3, 1)
+    attend = lambda *args: jax.lax.platform_dependent(
+        *args, tpu=tpu, cuda=folded(gpu_flash_attention), default=xla
+    )
+    return _per_device(attend, q, k, v, whole=(table_h, table_w))
 
 
 def _device_kind(x: Array) -> str:
@@ -319,21 +337,24 @@ def _mgpu_attention(
     return jax.lax.platform_dependent(q, k, v, table_h, table_w, cuda=cuda, default=fused)
 
 
-def _per_device(attend: Callable[..., Array], *arrays: Array) -> Array:
-    """``attend(*arrays)`` on each device's share of the batch when a mesh is set (``jax.set_mesh``).
+def _per_device(attend: Callable[..., Array], *batched: Array, whole: tuple[Table, ...] = ()) -> Array:
+    """``attend(*batched, *whole)`` on each device's share of the batch when a mesh is set (``jax.set_mesh``).
 
     XLA cannot partition a Pallas kernel across devices ("Mosaic kernels cannot be automatically
-    partitioned"), so under a mesh the batch is split over all its axes by ``jax.shard_map`` and
-    each device runs the kernel on its images. Without a mesh, or with a batch that the mesh does
-    not divide, the call is left to XLA as it is (fine on one device and for the CPU's XLA path).
+    partitioned"), so under a mesh the ``batched`` arrays are split over all its axes by
+    ``jax.shard_map`` and each device runs the kernel on its images; the ``whole`` ones (the relative
+    tables, or None) are on every device. Without a mesh, or with a batch that the mesh does not
+    divide, the call is left to XLA as it is (fine on one device and for the CPU's XLA path).
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or arrays[0].shape[0] % mesh.size:
-        return attend(*arrays)
+    if mesh.empty or batched[0].shape[0] % mesh.size:
+        return attend(*batched, *whole)
     batch = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+    specs = (batch,) * len(batched) + (jax.sharding.PartitionSpec(),) * len(whole)
     # check_vma=False: JAX's shipped Pallas kernels do not declare how their outputs vary over the
     # mesh axes, which the check needs.
-    return jax.shard_map(attend, mesh=mesh, in_specs=batch, out_specs=batch, check_vma=False)(*arrays)
+    sharded = jax.shard_map(attend, mesh=mesh, in_specs=specs, out_specs=batch, check_vma=False)
+    return sharded(*batched, *whole)
 
 
 def self_attention_2d(

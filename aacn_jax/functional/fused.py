@@ -43,11 +43,17 @@ __all__ = [
     "gpu_flash_attention",
     "on_tokens",
     "tpu_flash_attention",
+    "tpu_images_per_chunk",
+    "tpu_relative_attention",
 ]
 
 _TPU_BLOCK = 128  # the TPU kernel's blocks: its backward pass needs multiples of 128 tokens
 _GPU_BLOCK = 128  # Triton's query/key blocks (JAX's default); maps up to 128 tokens use one block
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+# Images per recomputed chunk on a TPU (tpu_relative_attention): as many as keep one float32
+# [images, N, tokens, 128] array (the kernel's l, m and di) within this. Compiled for v5e at AA-WRN-28-10's
+# 32x32 layer (batch 128: 8 images a chunk), forward+backward temporaries are ~7x that array.
+_TPU_CHUNK_BYTES = 32 * 2**20
 
 
 def fold_relative_logits(
@@ -190,3 +196,61 @@ def gpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: 
     blocks = triton.BlockSizes(**dict.fromkeys(sizes, block))
     out = triton.mha(q, k, v, segment_ids, sm_scale=1.0, block_sizes=blocks, interpret=interpret)
     return out[:, :tokens, :, :value_depth]
+
+
+def tpu_images_per_chunk(batch: int, height: int, width: int, heads: int) -> int:
+    """The images :func:`tpu_relative_attention` attends to at once: the most (a divisor of ``batch``)
+    whose float32 ``[images, N, tokens, 128]`` arrays fit ``_TPU_CHUNK_BYTES``, at least one."""
+    per_image = heads * _round_up(height * width, _TPU_BLOCK) * 128 * 4
+    most = max(1, _TPU_CHUNK_BYTES // per_image)
+    return max(d for d in range(1, min(batch, most) + 1) if batch % d == 0)
+
+
+def tpu_relative_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    table_h: jax.Array | None,
+    table_w: jax.Array | None,
+    *,
+    kernel: Callable[..., jax.Array] = tpu_flash_attention,
+    images_per_chunk: int | None = None,
+) -> jax.Array:
+    """Relative attention on a TPU: scaled ``q, k [B, H, W, N, dk]``, ``v [B, H, W, N, dv]``, absolute
+    tables (or None) -> ``[B, H, W, N, dv]``, folded (:func:`fold_relative_logits`) and attended by
+    ``kernel`` (on ``[B, T, N, d]``) a few images at a time, recomputed in the backward pass.
+
+    Why, from the buffer assignment of AA-WRN-28-10's train step compiled for v5e:1x1 (batch 128,
+    bfloat16; 10.96 GiB temporaries, WRN-28-10 0.54 GiB): the TPU pads the minor dimension of every
+    array to 128 lanes, and everything this attention holds has a small one. Each 32x32 layer
+    kept for its backward pass, from forward to backward, the kernel's residuals: l and m as
+    float32 ``[B, N, T, 128]`` (the kernel's layout: 128 copies of one number per query, 512 MiB each),
+    q, k, v and the output at the folded depth 84 (256 MiB each, padded to 128 lanes), and the
+    folded ``[B, H, W, N, 84]`` q and k besides; four such layers made most of the 11 GiB.
+    Here:
+
+    - nothing of the attention is kept between the passes but its inputs (``jax.checkpoint``:
+      the backward pass runs the forward kernel again, one extra kernel call per layer), and
+      they are kept lane-dense, as ``[B, H, W*N*d]`` (a ``[.., N, d]`` minor pair pads 20 or 2 lanes
+      to 128: 6.4x and 64x);
+    - the folding, the kernels and their residuals exist for ``images_per_chunk`` images at a time
+      (:func:`tpu_images_per_chunk`; ``lax.map``), so the one-hot keys, the factors at depth 84
+      and l, m, di are a chunk's, not the batch's. The kernel's grid over images and heads runs in
+      sequence on a TPU core anyway, so a chunk of 8 images x 8 heads still gives it 64 programs
+      per query block.
+    """
+    batch, height, width, heads, _ = q.shape
+    chunk = images_per_chunk or tpu_images_per_chunk(batch, height, width, heads)
+    if batch % chunk:
+        raise ValueError(f"images_per_chunk={chunk} must divide the batch {batch}")
+
+    def attend(qkv: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        q, k, v = (x.reshape(chunk, height, width, heads, -1) for x in qkv)  # c, H, W, N, d
+        if table_h is not None and table_w is not None:
+            q, k = fold_relative_logits(q, k, table_h, table_w)
+        out = on_tokens(kernel)(q, k, v)  # c, H, W, N, dv
+        return out.reshape(chunk, height, -1)  # c, H, W*N*dv: lane-dense
+
+    chunks = tuple(x.reshape(batch // chunk, chunk, height, -1) for x in (q, k, v))  # B/c, c, H, W*N*d
+    out = jax.lax.map(jax.checkpoint(attend), chunks)  # B/c, c, H, W*N*dv
+    return out.reshape(v.shape)
