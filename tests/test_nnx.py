@@ -277,18 +277,25 @@ def _random_variables(module, shape, seed):
     return jax.tree.unflatten(treedef, values)
 
 
+# Each family of the zoo at a smaller depth and width: the same modules and names, built faster.
 @pytest.mark.parametrize(
-    ("name", "size", "weights"),
-    [("aa_resnet_cifar", 32, "initialised"), ("aa_wrn28_10", 32, "given"), ("aa_resnet50", 64, "given")],
+    ("name", "size", "weights", "overrides"),
+    [
+        ("aa_resnet_cifar", 32, "initialised", dict(depth=8)),
+        ("aa_wrn28_10", 32, "given", dict(depth=10, widen_factor=2)),
+        ("aa_resnet50", 64, "given", dict(stage_sizes=(1, 2, 1, 1), width=16)),
+    ],
 )
-def test_zoo_model_in_nnx_equals_linen_in_training_and_inference(name, size, weights):
+def test_zoo_model_in_nnx_equals_linen_in_training_and_inference(name, size, weights, overrides):
     shape = (size, size, 3)
     if weights == "initialised":  # models.create's own initialisation, then other values loaded
-        model = models.create(name, num_classes=10, api="nnx", rngs=nnx.Rngs(0), input_shape=shape)
+        model = models.create(
+            name, num_classes=10, api="nnx", rngs=nnx.Rngs(0), input_shape=shape, **overrides
+        )
         variables = _perturbed(ann.linen_variables(model), seed=7)
         ann.load_linen_variables(model, variables)
     else:  # built abstractly around given variables (much faster than initialising)
-        linen_model = models.create(name, num_classes=10)
+        linen_model = models.create(name, num_classes=10, **overrides)
         variables = _random_variables(linen_model, shape, seed=7)
         model = ann.ZooModel(linen_model, input_shape=shape, rngs=nnx.Rngs(0), variables=variables)
     x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
