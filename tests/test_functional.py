@@ -716,13 +716,13 @@ def test_tpu_route_in_chunks_matches_the_float64_reference(use_rel):
 
 
 def test_tpu_chunks_divide_the_batch_and_fit_the_budget():
-    """The most images whose float32 [images, N, tokens padded to 128, 128] array fits 32 MiB, a
-    divisor of the batch: 8 of 128 at 32x32 with 8 heads (4 MiB an image), 64 at 8x8 (0.5 MiB)."""
+    """The most images whose float32 [images, N, tokens padded to 128, 128] array fits 8 MiB, a
+    divisor of the batch: 2 of 128 at 32x32 with 8 heads (4 MiB an image), 16 at 8x8 (0.5 MiB)."""
     from aacn_jax.functional import fused
 
-    assert fused.tpu_images_per_chunk(128, 32, 32, 8) == 8
-    assert fused.tpu_images_per_chunk(128, 8, 8, 8) == 64
-    assert fused.tpu_images_per_chunk(12, 32, 32, 8) == 6
-    assert fused.tpu_images_per_chunk(7, 56, 56, 8) == 1  # 12.5 MiB an image: 2 fit, 7 is prime
+    assert fused.tpu_images_per_chunk(128, 32, 32, 8) == 2
+    assert fused.tpu_images_per_chunk(128, 8, 8, 8) == 16
+    assert fused.tpu_images_per_chunk(12, 16, 16, 8) == 6  # 1 MiB an image: 8 would fit, 6 divides 12
+    assert fused.tpu_images_per_chunk(7, 56, 56, 8) == 1  # 12.5 MiB an image: over the budget, still 1
     with pytest.raises(ValueError, match="images_per_chunk=3 must divide the batch 4"):
         _tpu_route(3, *_qkv(np.random.default_rng(0), 4, 2, 2, 1, 2, 1))

@@ -51,9 +51,11 @@ _TPU_BLOCK = 128  # the TPU kernel's blocks: its backward pass needs multiples o
 _GPU_BLOCK = 128  # Triton's query/key blocks (JAX's default); maps up to 128 tokens use one block
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 # Images per recomputed chunk on a TPU (tpu_relative_attention): as many as keep one float32
-# [images, N, tokens, 128] array (the kernel's l, m and di) within this. Compiled for v5e at AA-WRN-28-10's
-# 32x32 layer (batch 128: 8 images a chunk), forward+backward temporaries are ~7x that array.
-_TPU_CHUNK_BYTES = 32 * 2**20
+# [images, N, tokens, 128] array (the kernel's l, m and di) within this. The compiler keeps such arrays
+# of each layer's forward and backward loops apart, so their size is most of what the attention adds:
+# AA-WRN-28-10's train step for v5e:1x1 (batch 128) holds 2.15 GiB of temporaries at 32 MiB, 1.30 GiB
+# at 8 MiB (2 images a chunk at 32x32, 8 at 16x16), 1.12 GiB at 2 MiB (WRN-28-10: 0.59 GiB).
+_TPU_CHUNK_BYTES = 8 * 2**20
 
 
 def fold_relative_logits(
@@ -236,8 +238,8 @@ def tpu_relative_attention(
     - the folding, the kernels and their residuals exist for ``images_per_chunk`` images at a time
       (:func:`tpu_images_per_chunk`; ``lax.map``), so the one-hot keys, the factors at depth 84
       and l, m, di are a chunk's, not the batch's. The kernel's grid over images and heads runs in
-      sequence on a TPU core anyway, so a chunk of 8 images x 8 heads still gives it 64 programs
-      per query block.
+      sequence on a TPU core anyway, so a chunk of 2 images x 8 heads still gives it 16 programs
+      per query block (what the smaller calls cost in time has not been measured on a TPU).
     """
     batch, height, width, heads, _ = q.shape
     chunk = images_per_chunk or tpu_images_per_chunk(batch, height, width, heads)
