@@ -95,3 +95,50 @@ def test_attention_full_mode_rows_plot_and_table_on_a_tiny_shape(tmp_path):
 
 def _cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_tpu_quick_compiles_a_train_step_for_colabs_chip(capsys):
+    from benchmarks import tpu
+
+    tpu.main(["--quick"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("quick") and "v5e:1x1" in line and "of 15.75 GiB" in line, line
+    assert float(line.split("total")[1].split()[0]) > 0
+
+
+def test_tpu_table_sets_each_twin_against_its_plain_model():
+    from benchmarks import tpu
+
+    def row(recipe, temporaries, fits=True):
+        train = {"temporaries": temporaries * 2**30, "total": (temporaries + 1) * 2**30}
+        common = {
+            "recipe": recipe,
+            "topology": "v5e:1x1",
+            "batch_size": 128,
+            "usable_hbm_bytes": 15.75 * 2**30,
+        }
+        return common | ({"fits": True, "train": train} if fits else {"fits": False})
+
+    lines = tpu.table([row("wrn28_10", 0.5), row("aa_wrn28_10", 1.5), row("ge_wrn28_10", 0, fits=False)])
+    assert lines.splitlines()[2:] == [
+        "| wrn28_10 | v5e:1x1 | 128 | 0.50 |  | 1.50 / 15.75 |  |",
+        "| aa_wrn28_10 | v5e:1x1 | 128 | 1.50 | 3.0 | 2.50 / 15.75 |  |",
+        "| ge_wrn28_10 | v5e:1x1 | 128 | does not fit | | | |",
+    ]
+
+
+def test_tpu_rows_of_a_later_run_replace_those_of_their_recipe_and_topology():
+    from benchmarks import tpu
+
+    rows = [
+        {"recipe": r, "topology": t, "n": 0}
+        for r, t in [("a", "v5e:1x1"), ("b", "v5e:1x1"), ("a", "v4:2x2x1")]
+    ]
+    rows = tpu.merge(rows, {"recipe": "b", "topology": "v5e:1x1", "n": 1})
+    rows = tpu.merge(rows, {"recipe": "c", "topology": "v5e:1x1", "n": 2})
+    assert [(r["recipe"], r["topology"], r["n"]) for r in rows] == [
+        ("a", "v5e:1x1", 0),
+        ("b", "v5e:1x1", 1),
+        ("a", "v4:2x2x1", 0),
+        ("c", "v5e:1x1", 2),
+    ]

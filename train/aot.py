@@ -136,7 +136,7 @@ class Check:
             f"{step.arguments / GiB:.2f}, temporaries {step.temporaries / GiB:.2f}, other outputs "
             f"{(step.outputs - step.aliased) / GiB:.2f}, code {step.code / GiB:.2f} GiB; "
             f"{step.flops / 1e12:.3g} TFLOP, {step.bytes_accessed / 1e9:.3g} GB accessed "
-            "(XLA's estimate; Pallas kernels count their forward only)"
+            "(XLA's estimate: Pallas kernels count their forward only, loops their body once)"
             for name, step in steps
         ]
 
