@@ -223,7 +223,7 @@ def tpu_relative_attention(
     ``kernel`` (on ``[B, T, N, d]``) a few images at a time, recomputed in the backward pass.
 
     Why, from the buffer assignment of AA-WRN-28-10's train step compiled for v5e:1x1 (batch 128,
-    bfloat16; 10.96 GiB temporaries, WRN-28-10 0.54 GiB): the TPU pads the minor dimension of every
+    bfloat16; 10.96 GiB temporaries, WRN-28-10 0.59 GiB): the TPU pads the minor dimension of every
     array to 128 lanes, and everything this attention holds has a small one. Each 32x32 layer
     kept for its backward pass, from forward to backward, the kernel's residuals: l and m as
     float32 ``[B, N, T, 128]`` (the kernel's layout: 128 copies of one number per query, 512 MiB each),
