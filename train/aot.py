@@ -163,7 +163,7 @@ class Compiler:
                 f"{self.topology}"
             )
         jitted = self.program.train_step if step == "train" else self.program.eval_step
-        batch = self.program.batch_shapes(self.layout, batch_size, self.mesh, test=step == "eval")
+        batch = run_program.batch_shapes(self.layout, batch_size, self.mesh, test=step == "eval")
         try:
             with jax.set_mesh(self.mesh):  # the Pallas kernels' shard_map over the batch
                 compiled = jitted.lower(self.program.abstract_state, batch).compile()

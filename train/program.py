@@ -97,13 +97,14 @@ class Program:
     train_step: Any
     eval_step: Any
 
-    def batch_shapes(self, layout: Layout, batch_size: int, mesh: Mesh, *, test: bool = False) -> Any:
-        """:meth:`Layout.batch_shapes` with the batch sharding of ``mesh``, as the steps take them."""
-        batch_sharded = sharding.batch_sharded(mesh)
-        return {
-            name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharded)
-            for name, x in layout.batch_shapes(batch_size, test=test).items()
-        }
+
+def batch_shapes(layout: Layout, batch_size: int, mesh: Mesh, *, test: bool = False) -> Any:
+    """:meth:`Layout.batch_shapes` with the batch sharding of ``mesh``, as the steps take them."""
+    batch_sharded = sharding.batch_sharded(mesh)
+    return {
+        name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharded)
+        for name, x in layout.batch_shapes(batch_size, test=test).items()
+    }
 
 
 def build(config: ml_collections.ConfigDict, layout: Layout, mesh: Mesh, *, steps_per_epoch: int) -> Program:

@@ -289,26 +289,23 @@ def _fused_attention(
     the TPU's memory and why).
     """
 
-    def folded(kernel: Callable[..., Array]) -> Callable[..., Array]:
-        def attend(q: Array, k: Array, v: Array, table_h: Table, table_w: Table) -> Array:
+    def folded(attend: Callable[..., Array]) -> Callable[..., Array]:
+        def run(q: Array, k: Array, v: Array, table_h: Table, table_w: Table) -> Array:
             if table_h is not None and table_w is not None:
                 q, k = fold_relative_logits(q, k, table_h, table_w)
-            return jnp.moveaxis(on_tokens(kernel)(q, k, v), 3, 1)
+            return attend(q, k, v)
 
-        return attend
+        return run
 
-    def xla(q: Array, k: Array, v: Array, table_h: Table, table_w: Table) -> Array:
-        if table_h is not None and table_w is not None:
-            q, k = fold_relative_logits(q, k, table_h, table_w)
-        return _xla_attention(q, k, v, None, None, dense=False, block_size=block_size)
-
+    cuda = folded(lambda q, k, v: jnp.moveaxis(on_tokens(gpu_flash_attention)(q, k, v), 3, 1))
+    xla = folded(
+        functools.partial(_xla_attention, table_h=None, table_w=None, dense=False, block_size=block_size)
+    )
     tpu_kernel = tpu_flash_attention
     if _device_kind(q) in _TPUS_WITHOUT_BF16_MATMUL:
         tpu_kernel = lambda q, k, v: tpu_flash_attention(*(x.astype(_F32) for x in (q, k, v))).astype(v.dtype)
     tpu = lambda *args: jnp.moveaxis(tpu_relative_attention(*args, kernel=tpu_kernel), 3, 1)
-    attend = lambda *args: jax.lax.platform_dependent(
-        *args, tpu=tpu, cuda=folded(gpu_flash_attention), default=xla
-    )
+    attend = lambda *args: jax.lax.platform_dependent(*args, tpu=tpu, cuda=cuda, default=xla)
     return _per_device(attend, q, k, v, whole=(table_h, table_w))
 
 
