@@ -84,7 +84,7 @@ def quadratic_lines(text: str, batch: int, height: int, width: int) -> list[str]
     not (the logits ``[B, N, T, T]``, a tiled bias), or is ``[B, N, H, W, H, W]``. Allowed: zero
     fills of the slots that ``platform_dependent``'s ``switch`` keeps for the CPU branch's
     residuals (JAX joins the residuals of all branches; XLA deletes the unused fill), and the
-    lines that only pass them on.
+    lines that only pass them on (returns, function signatures and calls).
     """
     squares = "|".join(f"{t}x{t}" for t in sorted(_token_counts(height, width)))
     quadratic = re.compile(
@@ -99,7 +99,9 @@ def quadratic_lines(text: str, batch: int, height: int, width: int) -> list[str]
         fill = placeholder.search(line)
         if fill and fill.group(1) in zeros:
             continue
-        if line.strip().startswith(("stablehlo.return", "}) : (tensor<i32>) ->")):
+        if line.strip().startswith(("stablehlo.return", "return ", "func.func ", "}) : (tensor<i32>) ->")):
+            continue
+        if re.match(r"%[\w:#]+ = call @", line.strip()):  # a jitted function's residuals, passed on
             continue
         offending.append(line.strip()[:300])
     return offending
