@@ -1,7 +1,8 @@
 """``python -m train.compile`` and ``train.aot``: a run compiled for a TPU topology by the real TPU
 compiler (libtpu's compile-only devices), from the data set's layout alone: no data, no chips.
 
-The fitting case is the docs' own example (docs/training.md, the Colab quickstart on ``v5e:1x1``)."""
+The fitting case is the docs' own example (docs/training.md: ``python -m train``'s default run on
+``v5e:1x1``)."""
 
 from __future__ import annotations
 
