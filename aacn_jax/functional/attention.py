@@ -393,13 +393,19 @@ def self_attention_2d(
         raise ValueError(f"implementation={implementation!r} must be one of {IMPLEMENTATIONS} or None")
     if block_size is not None and block_size < 1:
         raise ValueError(f"block_size={block_size} must be >= 1")
-    args = (q, k, v, rel_h, rel_w)
-    options = dict(
-        implementation=implementation, block_size=block_size, memory_budget_bytes=memory_budget_bytes
-    )
     # "mgpu" is traced at each call: its route depends on the JAX build and on Mosaic GPU's
     # interpreter being on (relative_mgpu.interpret), which a trace cache would not see.
-    return (_attend if implementation == "mgpu" else _attend_once)(*args, **options)
+    attend = _attend if implementation == "mgpu" else _attend_once
+    return attend(
+        q,
+        k,
+        v,
+        rel_h,
+        rel_w,
+        implementation=implementation,
+        block_size=block_size,
+        memory_budget_bytes=memory_budget_bytes,
+    )
 
 
 def _attend(
