@@ -275,7 +275,9 @@ def test_nnx_model_equals_linen():
     model, variables, logits = _tiny_aa()
     converted = ZooModel(model, input_shape=(32, 32, 3), rngs=nnx.Rngs(0), variables=variables)
     converted.eval()
-    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(converted, TINY), logits, rtol=1e-5, atol=1e-5)
+    # Two programs of the same float32 network: rounding apart (3.4e-5 seen with XLA's older CPU
+    # emitters, tests/train_helpers.py); a wrongly mapped weight is off by O(1).
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(converted, TINY), logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
