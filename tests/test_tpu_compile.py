@@ -88,8 +88,10 @@ def test_topologies_give_the_documented_device_kinds(topology):
     assert {d.device_kind for d in _devices(topology)} == {KINDS[topology]}
 
 
+# Every paper shape on the v5e, wrn_8x8 on the other generations (what differs there is the
+# kernel's dtype and Mosaic's target, not the shape). v3's kernels compile in its train step below.
 CASES = [("v5e:1x1", s) for s in PAPER_SHAPES] + [
-    (topology, PAPER_SHAPES[1]) for topology in ("v6e:1x1", "v4:2x2x1", "v5p:2x2x1", "v3:2x2", "v2:2x2")
+    (topology, PAPER_SHAPES[2]) for topology in ("v6e:1x1", "v4:2x2x1", "v5p:2x2x1", "v2:2x2")
 ]
 
 
