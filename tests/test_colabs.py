@@ -77,7 +77,7 @@ def kernel_env() -> dict[str, str]:
         XLA_FLAGS=XLA_TEST_FLAGS,
         JAX_PLATFORMS="cpu",
         JAX_COMPILATION_CACHE_DIR=str(REPO / ".cache" / "jax"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     )
     return env
 

@@ -101,9 +101,9 @@ def test_predict_classifies_held_out_digits_and_exports_what_jax_alone_runs(
 
 
 def test_load_reads_the_checkpoints_model_variables_only(workdir):
-    _, variables, _ = train.load(str(workdir), step=100)
+    _, variables, _ = train.load(str(workdir), step=50)
     assert set(variables) == {"params", "batch_stats"}
-    saved = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "100" / "state")
+    saved = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "50" / "state")
     assert "opt_state" in saved  # the checkpoint has it; load leaves it out
     chex.assert_trees_all_equal(variables, {key: saved[key] for key in ("params", "batch_stats")})
     latest = train.load(str(workdir))[1]
@@ -114,7 +114,7 @@ def test_eval_only_needs_only_the_workdir(workdir):
     result = _run(["-m", "train", "--workdir", str(workdir), "--eval_only"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Evaluating aa_resnet_cifar on digits" in result.stdout
-    assert "Final test top-1" in result.stdout and "at step 200" in result.stdout
+    assert "Final test top-1" in result.stdout and "at step 100" in result.stdout
 
 
 def test_bad_input_is_one_line_and_exit_2_with_nothing_written(workdir, held_out_pictures, tmp_path):

@@ -89,7 +89,7 @@ def subprocess_env(device_count: int, *, optimised: bool = False) -> dict[str, s
         "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={device_count}".strip(),
         "JAX_PLATFORMS": "cpu",
         "JAX_COMPILATION_CACHE_DIR": str(REPO / ".cache" / "jax"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "PYTHONPATH": str(REPO),
     }
 
