@@ -18,10 +18,10 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _fast_compile_flags() -> str:
-    """XLA CPU flags that shorten compiles: JAX 0.10's XLA compiles a small
-    AA model's train step in half the time with its older fusion emitters (aa_resnet_cifar: 2.9 s,
-    was 5.3 s, on the 2-core CPU; a 200-step optimised run gains nothing). XLA of JAX 0.12 has only
-    the new emitters and aborts on the flag; 0.11 was not measured, so it keeps its default."""
+    """XLA CPU flags that shorten compiles: JAX 0.10's XLA compiles a small AA model's train step in
+    half the time with its older fusion emitters (aa_resnet_cifar: 2.9 s, was 5.3 s, on the 2-core
+    CPU; a 200-step optimised run gains nothing). XLA of JAX 0.12 has only the new emitters and
+    aborts on the flag; 0.11 was not measured, so it keeps its default."""
     major, minor = (int(part) for part in importlib.metadata.version("jaxlib").split(".")[:2])
     return "--xla_cpu_use_fusion_emitters=false" if (major, minor) < (0, 11) else ""
 
