@@ -6,22 +6,16 @@ import pathlib
 import subprocess
 import sys
 
-from tests.train_helpers import REPO, XLA_TEST_FLAGS, made_once, subprocess_env
+from tests.train_helpers import COMPILE_CACHE_ENV, REPO, XLA_TEST_FLAGS, made_once, subprocess_env
 
 os.environ["XLA_FLAGS"] = (
     f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_FLAGS} --xla_force_host_platform_device_count=4"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # libtpu (tests/test_tpu_compile.py) locks a file per process
+os.environ.update(COMPILE_CACHE_ENV)
 
-import jax
 import pytest
-
-_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".cache" / "jax"
-jax.config.update("jax_compilation_cache_dir", str(_CACHE))
-# Every compile is kept, the small ones too: the test processes compile the same programs again
-# (the training-script tests: 116 s with a 0.5 s threshold, 99 s with none, on the 2-core CPU).
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 @pytest.fixture(scope="session")

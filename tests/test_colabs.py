@@ -20,7 +20,7 @@ import pytest
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
-from tests.train_helpers import XLA_TEST_FLAGS
+from tests.train_helpers import COMPILE_CACHE_ENV, XLA_TEST_FLAGS
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "colabs").glob("*.ipynb"))
@@ -73,12 +73,7 @@ def test_kernel_is_this_python():
 def kernel_env() -> dict[str, str]:
     """One CPU device (not the test session's four), the test compile cache, the inline backend."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MPLBACKEND", "PYTHONPATH")}
-    env.update(
-        XLA_FLAGS=XLA_TEST_FLAGS,
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(REPO / ".cache" / "jax"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
+    env.update(XLA_FLAGS=XLA_TEST_FLAGS, JAX_PLATFORMS="cpu", **COMPILE_CACHE_ENV)
     return env
 
 
