@@ -265,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown twins {sorted(unknown)}; choose from {[twin.name for twin in TWINS]}")
     twins = [twin for twin in TWINS if not args.twins or twin.name in args.twins]
-    scratch = tempfile.mkdtemp(prefix="claims-") if args.quick else None
+    needs_scratch = args.quick and not (args.workdir and args.out)
+    scratch = tempfile.mkdtemp(prefix="claims-") if needs_scratch else None
     workdir = pathlib.Path(args.workdir or scratch or "runs/claims")
     out = pathlib.Path(args.out or scratch or measure.RESULTS)
     out.mkdir(parents=True, exist_ok=True)

@@ -282,31 +282,42 @@ def _xla_attention(
 def _fused_attention(
     q: Array, k: Array, v: Array, table_h: Table, table_w: Table, *, block_size: int | None
 ) -> Array:
-    """Relative logits folded into q and k, then plain flash attention chosen per platform.
+    """Relative logits folded into q and k, then plain flash attention chosen per platform: the
+    kernels of :func:`_kernel_branches`, elsewhere the blockwise XLA path."""
+    xla = functools.partial(_xla_attention, table_h=None, table_w=None, dense=False, block_size=block_size)
+    args = (q, k, v, table_h, table_w)
+    return jax.lax.platform_dependent(*args, **_kernel_branches(q), default=_folded(xla))
+
+
+def _kernel_branches(q: Array) -> dict[str, Callable[..., Array]]:
+    """``"fused"``'s branches where it has a kernel, by platform: ``(q, k, v, table_h, table_w)`` to
+    ``[B, N, HW, dv]``, each on every device's share of the batch under a mesh.
 
     On a TPU the folding and the kernel run a few images at a time and are recomputed in the
     backward pass (:func:`~aacn_jax.functional.fused.tpu_relative_attention`: what that does to
     the TPU's memory and why).
     """
-
-    def folded(attend: Callable[..., Array]) -> Callable[..., Array]:
-        def run(q: Array, k: Array, v: Array, table_h: Table, table_w: Table) -> Array:
-            if table_h is not None and table_w is not None:
-                q, k = fold_relative_logits(q, k, table_h, table_w)
-            return attend(q, k, v)
-
-        return run
-
-    cuda = folded(lambda q, k, v: jnp.moveaxis(on_tokens(gpu_flash_attention)(q, k, v), 3, 1))
-    xla = folded(
-        functools.partial(_xla_attention, table_h=None, table_w=None, dense=False, block_size=block_size)
-    )
+    cuda = _folded(lambda q, k, v: jnp.moveaxis(on_tokens(gpu_flash_attention)(q, k, v), 3, 1))
     tpu_kernel = tpu_flash_attention
     if _device_kind(q) in _TPUS_WITHOUT_BF16_MATMUL:
         tpu_kernel = lambda q, k, v: tpu_flash_attention(*(x.astype(_F32) for x in (q, k, v))).astype(v.dtype)
     tpu = lambda *args: jnp.moveaxis(tpu_relative_attention(*args, kernel=tpu_kernel), 3, 1)
-    attend = lambda *args: jax.lax.platform_dependent(*args, tpu=tpu, cuda=cuda, default=xla)
-    return _per_device(attend, q, k, v, whole=(table_h, table_w))
+
+    def on_each_device(attend: Callable[..., Array]) -> Callable[..., Array]:
+        return lambda q, k, v, table_h, table_w: _per_device(attend, q, k, v, whole=(table_h, table_w))
+
+    return {"tpu": on_each_device(tpu), "cuda": on_each_device(cuda)}
+
+
+def _folded(attend: Callable[..., Array]) -> Callable[..., Array]:
+    """``attend(q, k, v)`` after folding the relative logits (if any) into q and k."""
+
+    def run(q: Array, k: Array, v: Array, table_h: Table, table_w: Table) -> Array:
+        if table_h is not None and table_w is not None:
+            q, k = fold_relative_logits(q, k, table_h, table_w)
+        return attend(q, k, v)
+
+    return run
 
 
 def _device_kind(x: Array) -> str:
@@ -436,7 +447,7 @@ def _attend(
     else:
         dense = dense_logits_bytes(q.shape) <= memory_budget_bytes
         by_memory = functools.partial(_xla_attention, dense=dense, block_size=block_size)
-        out = jax.lax.platform_dependent(*args, tpu=fused, cuda=fused, default=by_memory)
+        out = jax.lax.platform_dependent(*args, **_kernel_branches(q), default=by_memory)
     return jnp.moveaxis(out, 1, 3).astype(q.dtype)  # B, H, W, N, dv
 
 
