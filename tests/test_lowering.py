@@ -31,6 +31,7 @@ from train.tasks import classification
 KERNEL_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 BATCH = 128
 GPU_TARGET = AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
+TPU_TARGET = AbstractDevice(device_kind="TPU v5 lite", num_cores=None, platform="tpu")
 
 
 def _export(fn, args, platform: str, mesh=None) -> str:
@@ -42,14 +43,17 @@ def _export(fn, args, platform: str, mesh=None) -> str:
 
 
 def _lowering_target(platform: str, mesh):
-    """``jax.set_mesh(mesh)`` as the training script does; for CUDA an abstract mesh of H100s of the
-    same shape instead: JAX 0.12's Triton lowering asks for the target GPU, which this machine
-    lacks ("No supported GPU devices found, please specify an abstract GPU device")."""
-    if platform != "cuda":
-        return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    """The training script's ``jax.set_mesh(mesh)`` for the target: an abstract mesh of the same
+    shape whose devices are the target's (under a mesh of this machine's CPUs the attention traces
+    the CPU's branch only). For CUDA an abstract mesh even without ``mesh``: JAX 0.12's Triton
+    lowering asks for the target GPU, which this machine lacks ("No supported GPU devices found,
+    please specify an abstract GPU device")."""
+    if platform != "cuda" and mesh is None:
+        return contextlib.nullcontext()
     sizes, names = (tuple(mesh.shape.values()), mesh.axis_names) if mesh is not None else ((1,), ("data",))
-    gpus = AbstractMesh(sizes, names, axis_types=(AxisType.Auto,) * len(names), abstract_device=GPU_TARGET)
-    return jax.sharding.use_abstract_mesh(gpus)
+    device = GPU_TARGET if platform == "cuda" else TPU_TARGET
+    target = AbstractMesh(sizes, names, axis_types=(AxisType.Auto,) * len(names), abstract_device=device)
+    return jax.sharding.use_abstract_mesh(target)
 
 
 def _data_mesh():
@@ -184,6 +188,20 @@ def test_kernels_run_on_each_devices_share_of_a_sharded_batch(platform):
     assert not any(f"tensor<{BATCH}x" in line for line in calls)
     for batch in (BATCH, BATCH // 4, *images):
         assert quadratic_lines(text, batch, shape.height, shape.width) == []
+
+
+def test_under_a_mesh_only_the_branches_of_its_platform_are_traced():
+    """Under ``jax.set_mesh`` of this machine's CPUs the default traces the CPU's XLA path alone
+    (the other platforms' kernels would never run there and cost tracing time), so that program
+    cannot be exported for a TPU; without a mesh it holds every platform's kernels."""
+    args = _shape_args(PAPER_SHAPES[2])[:5]
+    attention = jax.jit(lambda *a: F.self_attention_2d(*a))
+    assert str(jax.make_jaxpr(attention)(*args)).count("pallas_call") >= 2  # the TPU and GPU kernels
+    with jax.set_mesh(_data_mesh()):
+        assert "pallas_call" not in str(jax.make_jaxpr(attention)(*args))
+        with pytest.raises(NotImplementedError, match="platform_index"):
+            export.export(attention, platforms=["tpu"])(*args)
+    assert _export(attention, args, "tpu", _data_mesh()).count("tpu_custom_call") >= 1  # abstract TPUs
 
 
 TRAIN_STEPS = [("aa_wrn28_10", 128, 32, (32, 16, 8)), ("aa_resnet50", 32, 224, (14, 7))]

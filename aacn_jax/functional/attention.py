@@ -30,7 +30,8 @@ their matmuls read q, k, v and the softmax weights as laid out, with no transpos
   CPU) dense when its float32 logits fit ``memory_budget_bytes``, else blockwise with the largest
   block that fits (and at least two blocks). The choice is made per platform with
   ``jax.lax.platform_dependent``, so a program exported for a TPU or GPU from a CPU machine holds
-  the accelerator's path.
+  the accelerator's path; under a mesh whose devices are known, only their platform's branches are
+  traced (``_by_platform``).
 """
 
 from __future__ import annotations
@@ -285,8 +286,7 @@ def _fused_attention(
     """Relative logits folded into q and k, then plain flash attention chosen per platform: the
     kernels of :func:`_kernel_branches`, elsewhere the blockwise XLA path."""
     xla = functools.partial(_xla_attention, table_h=None, table_w=None, dense=False, block_size=block_size)
-    args = (q, k, v, table_h, table_w)
-    return jax.lax.platform_dependent(*args, **_kernel_branches(q), default=_folded(xla))
+    return _by_platform(q, k, v, table_h, table_w, **_kernel_branches(q), default=_folded(xla))
 
 
 def _kernel_branches(q: Array) -> dict[str, Callable[..., Array]]:
@@ -318,6 +318,28 @@ def _folded(attend: Callable[..., Array]) -> Callable[..., Array]:
         return attend(q, k, v)
 
     return run
+
+
+def _by_platform(*args: Any, tpu: Callable, cuda: Callable, default: Callable) -> Array:
+    """``jax.lax.platform_dependent(*args, tpu=tpu, cuda=cuda, default=default)``; under a mesh set
+    with ``jax.set_mesh`` (or ``use_abstract_mesh``) whose devices are known, only the branches of
+    their platform.
+
+    Such a program runs on the mesh's devices, and tracing the other platforms' branches (their
+    kernels under ``shard_map``) was about half of tracing a small AA model's train step on a CPU
+    mesh. Lowering it for another platform fails ("MLIR translation rule for primitive
+    'platform_index' not found"): export for another platform without a mesh, or under an
+    abstract mesh of that platform's devices.
+    """
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    platform = None if device is None else device.platform
+    if platform == "cpu":
+        return jax.lax.platform_dependent(*args, cpu=default)
+    if platform == "tpu":
+        return jax.lax.platform_dependent(*args, tpu=tpu)
+    if platform == "gpu":
+        return jax.lax.platform_dependent(*args, cuda=cuda, rocm=default)
+    return jax.lax.platform_dependent(*args, tpu=tpu, cuda=cuda, default=default)
 
 
 def _device_kind(x: Array) -> str:
@@ -447,12 +469,12 @@ def _attend(
     else:
         dense = dense_logits_bytes(q.shape) <= memory_budget_bytes
         by_memory = functools.partial(_xla_attention, dense=dense, block_size=block_size)
-        out = jax.lax.platform_dependent(*args, **_kernel_branches(q), default=by_memory)
+        out = _by_platform(*args, **_kernel_branches(q), default=by_memory)
     return jnp.moveaxis(out, 1, 3).astype(q.dtype)  # B, H, W, N, dv
 
 
-# Jitted, so that the layers of one shape share one trace. The default traces every platform's
-# branch (``platform_dependent``: the TPU and GPU kernels too, whatever the machine), which was
+# Jitted, so that the layers of one shape share one trace. Without a mesh the default traces every
+# platform's branch (``platform_dependent``: the TPU and GPU kernels too, whatever the machine), which was
 # most of a model's tracing: AA-WRN-28-10's forward+backward traced on the 2-core CPU in 7.7 s with
 # a trace per layer, 2.8 s with one per shape (its 12 attention layers have 3 shapes).
 _attend_once = jax.jit(_attend, static_argnames=("implementation", "block_size", "memory_budget_bytes"))
