@@ -364,7 +364,7 @@ def _mgpu_attention(
         logits_h, logits_w = relative_mgpu.factors(q, table_h, table_w)  # XLA: partitioned as usual
         return _per_device(relative_mgpu.relative_attention, q, k, v, logits_h, logits_w)
 
-    return jax.lax.platform_dependent(q, k, v, table_h, table_w, cuda=cuda, default=fused)
+    return _by_platform(q, k, v, table_h, table_w, tpu=fused, cuda=cuda, default=fused)
 
 
 def _per_device(attend: Callable[..., Array], *batched: Array, whole: tuple[Table, ...] = ()) -> Array:
