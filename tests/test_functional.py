@@ -465,7 +465,7 @@ def test_gradients_check_grads(impl, use_rel):
         args = tuple(jnp.asarray(a, jnp.float64) for a in (q, k, v))
         if use_rel:
             args = (*args, jnp.asarray(rel_h, jnp.float64), jnp.asarray(rel_w, jnp.float64))
-        fn = lambda *a: _attn(impl, *a)
+        fn = jax.jit(lambda *a: _attn(impl, *a))  # one compile, not one per eager op
         check_grads(fn, args, order=1, modes=["rev"], eps=1e-3, atol=5e-3, rtol=5e-3)
 
 
@@ -473,7 +473,7 @@ def _assert_gradients_match_central_differences(attention, args, cotangent):
     """Every input's float32 gradient of ``sum(attention(*args) * cotangent)`` against central
     differences of the float64 reference loops, to 1e-4 of the largest gradient."""
     loss = lambda *a: jnp.sum(attention(*a) * cotangent.astype(np.float32))
-    grads = jax.grad(loss, argnums=tuple(range(len(args))))(*(a.astype(np.float32) for a in args))
+    grads = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*(a.astype(np.float32) for a in args))
     expected = attention_loss_gradients_ref(args, cotangent)
     for index, (grad, want) in enumerate(zip(grads, expected, strict=True)):
         np.testing.assert_allclose(grad, want, rtol=0, atol=1e-4 * np.abs(want).max(), err_msg=index)
@@ -515,7 +515,7 @@ def test_vmap_of_gradients_matches_a_loop(impl, use_rel):
     rel = _rel(rng, H, W, dk) if use_rel else ()
     cotangent = _normal(rng, (B, H, W, N, dv))
     loss = lambda q, k, v: jnp.sum(_attn(impl, q, k, v, *rel) * cotangent)
-    grad = jax.grad(loss, argnums=(0, 1, 2))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     batched = jax.vmap(grad)(q, k, v)
     for e in range(E):
         for got, want in zip(batched, grad(q[e], k[e], v[e]), strict=True):
@@ -530,7 +530,7 @@ def test_gradients_are_nonzero_for_every_input(impl):
     rel_h, rel_w = _rel(rng, H, W, dk)
     w = _normal(rng, (B, H, W, N, dv))
     loss = lambda *a: jnp.sum(_attn(impl, *a) * w)
-    grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, rel_h, rel_w)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, rel_h, rel_w)
     for name, g, a in zip(("q", "k", "v", "rel_h", "rel_w"), grads, (q, k, v, rel_h, rel_w), strict=True):
         assert g.shape == a.shape, name
         assert np.all(np.isfinite(np.asarray(g))), name
@@ -569,8 +569,9 @@ def test_bfloat16_gradients(impl):
     args = (*_qkv(rng, B, H, W, N, dk, dv), *_rel(rng, H, W, dk))
     cotangent = _normal(rng, (B, H, W, N, dv))
     loss = lambda *a: jnp.sum(_attn(impl, *a).astype(jnp.float32) * cotangent)
-    want = jax.grad(loss, argnums=range(5))(*args)
-    got = jax.grad(loss, argnums=range(5))(*(jnp.asarray(a, jnp.bfloat16) for a in args))
+    grad = jax.jit(jax.grad(loss, argnums=tuple(range(5))))
+    want = grad(*args)
+    got = grad(*(jnp.asarray(a, jnp.bfloat16) for a in args))
     for name, g, w in zip(("q", "k", "v", "rel_h", "rel_w"), got, want, strict=True):
         assert g.dtype == jnp.bfloat16, name
         np.testing.assert_allclose(g.astype(np.float32), w, rtol=0, atol=0.05 * np.abs(w).max(), err_msg=name)
