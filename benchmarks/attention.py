@@ -19,9 +19,11 @@ one exponential per logit forward and one backward (``EXP2_PER_SECOND``), also a
 the measured time. Every implementation is first checked against ``dense`` (outputs and
 gradients). ``--quick`` runs tiny shapes only (the agreement check, for CI) and writes nothing.
 ``--dtype bfloat16 --training_batch`` measures what training on an accelerator runs: bfloat16 at
-batch 128 for the CIFAR shapes and 32 for the ImageNet ones. ``--mgpu_sweep`` first times ``mgpu``
-at each value of its tuning knob (keys per block, ``MGPU_KEY_BLOCKS``) at each shape, records every
-timing in the JSON (``mgpu_sweep``) and measures the ``mgpu`` row at the fastest.
+batch 128 for the CIFAR shapes and 32 for the ImageNet ones. ``--mgpu_sweep`` first checks and
+times ``mgpu`` at each setting of its tuning knobs (keys per block ``MGPU_KEY_BLOCKS`` x pipeline
+stages ``MGPU_STAGES``) at each shape, records every timing in the JSON (``mgpu_sweep``; a setting
+that fails to compile, e.g. beyond the shared memory, or disagrees with dense gets a row with its
+``error`` instead, and is not timed) and measures the ``mgpu`` row at the fastest.
 """
 
 from __future__ import annotations
@@ -113,19 +115,21 @@ IMPLEMENTATIONS = {
 }
 RELATIVE = ("dense", "blockwise", "fused", "mgpu", "auto", "paper_port")
 MGPU_KEY_BLOCKS = (64, 128, 256)  # the sweep's values of relative_mgpu.tuning(key_block=...)
+MGPU_STAGES = (1, 2)  # and of relative_mgpu.tuning(stages=...)
 # One exp2 per logit forward and one recomputed backward, at 16 exp2 per clock per SM (132 SMs,
 # ~1.83 GHz: H100/H200 SXM, FlashAttention-3, arXiv:2407.08608).
 EXP2_PER_SECOND = 16 * 132 * 1.83e9
 
 
 @functools.cache
-def forward_backward(name: str, key_block: int | None = None):
+def forward_backward(name: str, key_block: int | None = None, stages: int | None = None):
     """Jitted ``(q, k, v, rel_h, rel_w, cotangent) -> (output, gradients)`` of one implementation;
-    ``key_block``: traced under ``relative_mgpu.tuning(key_block=...)``."""
+    ``key_block``, ``stages``: traced under ``relative_mgpu.tuning(key_block=..., stages=...)``."""
     attention = IMPLEMENTATIONS[name]
 
     def run(q, k, v, rel_h, rel_w, cotangent):
-        with relative_mgpu.tuning(key_block) if key_block else contextlib.nullcontext():
+        knobs = key_block is not None or stages is not None
+        with relative_mgpu.tuning(key_block, stages) if knobs else contextlib.nullcontext():
             out, vjp = jax.vjp(attention, q, k, v, rel_h, rel_w)
             return out, vjp(cotangent)
 
@@ -144,16 +148,23 @@ def mgpu_key_blocks(shape: Shape) -> list[int]:
     return valid
 
 
-def check_agreement(shape: Shape, names, dtype=jnp.float32, key_block: int | None = None) -> None:
+def mgpu_knobs(shape: Shape, stages=MGPU_STAGES) -> list[tuple[int, int]]:
+    """The sweep's ``(key_block, stages)`` settings at this shape: valid key blocks x ``stages``."""
+    return [(key_block, n) for key_block in mgpu_key_blocks(shape) for n in stages]
+
+
+def check_agreement(
+    shape: Shape, names, dtype=jnp.float32, key_block: int | None = None, stages: int | None = None
+) -> None:
     """Outputs and gradients of every implementation equal dense (plain ones: dense without tables);
-    ``mgpu`` at the knob ``key_block``."""
+    ``mgpu`` at the knobs ``key_block`` and ``stages``."""
     args = shape.arrays(dtype=dtype)
     tolerance = 2e-4 if dtype == jnp.float32 else 5e-2
     want_rel = forward_backward("dense")(*args)
     want_plain = forward_backward("plain")(*args)
     for name in names:
         want = want_rel if name in RELATIVE else want_plain
-        got = forward_backward(name, key_block if name == "mgpu" else None)(*args)
+        got = forward_backward(name, *((key_block, stages) if name == "mgpu" else ()))(*args)
         for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             got_leaf, want_leaf = (np.asarray(x, np.float32) for x in (got_leaf, want_leaf))
             scale = max(1.0, float(np.abs(want_leaf).max())) if dtype != jnp.float32 else 1.0
@@ -162,22 +173,56 @@ def check_agreement(shape: Shape, names, dtype=jnp.float32, key_block: int | Non
             )
 
 
-def sweep_mgpu(shape: Shape, repeats: int = 7, dtype=jnp.float32) -> list[dict]:
-    """``mgpu`` at each valid knob value, timed in interleaved rounds: one row each."""
+def check_mgpu_knobs(shape: Shape, dtype=jnp.float32, stages=MGPU_STAGES) -> dict[tuple[int, int], str]:
+    """:func:`check_agreement` of ``mgpu`` at each of the sweep's settings; returns the failures,
+    ``{(key_block, stages): "<error type>: <first line>"}`` (a kernel beyond the GPU's shared memory
+    fails to compile), each printed, so that one failing setting costs its compile, not the run."""
+    failures = {}
+    for key_block, n in mgpu_knobs(shape, stages):
+        try:
+            check_agreement(shape, ["mgpu"], dtype, key_block, n)
+        except Exception as error:  # recorded in the JSON; the other settings go on
+            lines = str(error).strip().splitlines() or [""]
+            failures[key_block, n] = f"{type(error).__name__}: {lines[0][:300]}"
+            failed = f"{shape.name}: mgpu at key_block={key_block} stages={n} FAILED"
+            print(f"{failed}: {failures[key_block, n]}", flush=True)
+    return failures
+
+
+def sweep_mgpu(shape: Shape, repeats: int = 7, dtype=jnp.float32, stages=MGPU_STAGES) -> list[dict]:
+    """``mgpu`` at each setting of the sweep (:func:`mgpu_knobs`), checked against dense, then timed in
+    interleaved rounds: one row each, with its ``seconds``, or its ``error`` if the check failed."""
     args = shape.arrays(dtype=dtype)
-    blocks = mgpu_key_blocks(shape)
-    calls = {b: functools.partial(forward_backward("mgpu", b), *args) for b in blocks}
-    seconds = measure.interleaved_median_seconds(calls, repeats=repeats, min_seconds=0.5)
-    return [{"shape": shape.name, "key_block": b, "seconds": seconds[b]} for b in blocks]
+    failures = check_mgpu_knobs(shape, dtype, stages)
+    knobs = [knob for knob in mgpu_knobs(shape, stages) if knob not in failures]
+    calls = {knob: functools.partial(forward_backward("mgpu", *knob), *args) for knob in knobs}
+    seconds = measure.interleaved_median_seconds(calls, repeats=repeats, min_seconds=0.5) if calls else {}
+    return [
+        {"shape": shape.name, "key_block": key_block, "stages": n}
+        | (
+            {"error": failures[key_block, n]}
+            if (key_block, n) in failures
+            else {"seconds": seconds[key_block, n]}
+        )
+        for key_block, n in mgpu_knobs(shape, stages)
+    ]
 
 
 def measure_shape(
-    shape: Shape, peak_flops: float, repeats: int = 7, dtype=jnp.float32, mgpu_key_block: int | None = None
+    shape: Shape,
+    peak_flops: float,
+    repeats: int = 7,
+    dtype=jnp.float32,
+    mgpu_key_block: int | None = None,
+    mgpu_stages: int | None = None,
+    names=None,
 ) -> list[dict]:
-    """One row per implementation; their times come from interleaved rounds (see ``measure``)."""
+    """One row per implementation (``names``, default all); their times come from interleaved rounds
+    (see ``measure``); ``mgpu`` at the knobs given (default: ``relative_mgpu``'s)."""
     args = shape.arrays(dtype=dtype)
+    knobs = (mgpu_key_block, mgpu_stages)
     fns = {
-        name: forward_backward(name, mgpu_key_block if name == "mgpu" else None) for name in IMPLEMENTATIONS
+        name: forward_backward(name, *(knobs if name == "mgpu" else ())) for name in names or IMPLEMENTATIONS
     }
     calls = {name: functools.partial(fn, *args) for name, fn in fns.items()}
     seconds = measure.interleaved_median_seconds(calls, repeats=repeats, min_seconds=0.5)
@@ -198,7 +243,9 @@ def measure_shape(
             }
         )
         if name == "mgpu":
-            rows[-1]["key_block"] = mgpu_key_block or relative_mgpu.plan(shape.height, shape.width).key_block
+            with relative_mgpu.tuning(*knobs):
+                rows[-1]["key_block"] = relative_mgpu.plan(shape.height, shape.width).key_block
+                rows[-1]["stages"] = mgpu_stages or relative_mgpu.DEFAULT_STAGES
     return rows
 
 
@@ -240,6 +287,14 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--mgpu_sweep", action="store_true", help="time mgpu at each knob value first; measure at the best"
     )
+    parser.add_argument(
+        "--mgpu_stages",
+        nargs="+",
+        type=int,
+        choices=range(1, relative_mgpu.MAX_STAGES + 1),
+        default=list(MGPU_STAGES),
+        help="the sweep's values of the mgpu pipeline stages (default: %(default)s)",
+    )
     parser.add_argument("--rss_case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -253,12 +308,22 @@ def main(argv=None) -> None:
     if args.training_batch:
         shapes = [dataclasses.replace(s, batch=TRAINING_BATCH[s.name.split("_")[0]]) for s in shapes]
     dtype = jnp.dtype(args.dtype)
+    stages = tuple(dict.fromkeys(args.mgpu_stages))
+    # A full run's sweep checks each of mgpu's settings before timing it, shape by shape, and goes on
+    # past a failing one; --quick checks them all here, and fails on any.
+    swept_later = args.mgpu_sweep and not args.quick
     for shape in shapes:
-        check_agreement(shape, IMPLEMENTATIONS, dtype)
-        for key_block in mgpu_key_blocks(shape) if args.mgpu_sweep else ():
-            check_agreement(shape, ["mgpu"], dtype, key_block)
+        check_agreement(shape, [name for name in IMPLEMENTATIONS if name != "mgpu" or not swept_later], dtype)
+        for key_block, n in mgpu_knobs(shape, stages) if args.mgpu_sweep and args.quick else ():
+            check_agreement(shape, ["mgpu"], dtype, key_block, n)
+    if not args.mgpu_sweep:
+        note = ""
+    elif args.quick:
+        note = f", mgpu also at each of its sweep's settings (stages {list(stages)})"
+    else:
+        note = " (mgpu: the sweep checks each of its settings before timing it)"
     print(
-        f"agreement: all {len(IMPLEMENTATIONS)} implementations match dense on {len(shapes)} shapes",
+        f"agreement: all {len(IMPLEMENTATIONS)} implementations match dense on {len(shapes)} shapes{note}",
         flush=True,
     )
     if args.quick:
@@ -270,15 +335,25 @@ def main(argv=None) -> None:
     print(f"matmul peak ({size}x{size}, {dtype.name}): {peak / 1e9:.1f} GFLOP/s", flush=True)
     rows, sweep = [], []
     for shape in shapes:
-        best = None
+        best, names = (None, None), list(IMPLEMENTATIONS)
         if args.mgpu_sweep:
-            timed = sweep_mgpu(shape, dtype=dtype)
+            timed = sweep_mgpu(shape, dtype=dtype, stages=stages)
             sweep += timed
-            best = min(timed, key=lambda r: r["seconds"])["key_block"]
+            ok = [r for r in timed if "seconds" in r]
+            if ok:
+                fastest = min(ok, key=lambda r: r["seconds"])
+                best = (fastest["key_block"], fastest["stages"])
+            else:  # every setting failed (the sweep's rows say why): measure the others
+                names.remove("mgpu")
             print(
-                f"{shape.name}: mgpu seconds by key_block {[(r['key_block'], r['seconds']) for r in timed]}"
+                f"{shape.name}: mgpu seconds by (key_block, stages) "
+                f"{[((r['key_block'], r['stages']), r.get('seconds', 'failed')) for r in timed]}",
+                flush=True,
             )
-        for row in measure_shape(shape, peak, dtype=dtype, mgpu_key_block=best):
+        measured = measure_shape(
+            shape, peak, dtype=dtype, mgpu_key_block=best[0], mgpu_stages=best[1], names=names
+        )
+        for row in measured:
             if not args.no_rss:
                 row["rss_bytes"] = _one_process_rss(shape, row["implementation"])
             rows.append(row)

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Everything this project measures on an accelerator, in one run (about 9 minutes on one GPU; each step has a time limit):
-#   0. the Mosaic GPU kernels' tests on the device (implementation="mgpu" against dense; 1 minute at most)
+# Everything this project measures on an accelerator, in one run (about 12 minutes on one GPU; each step has a time limit):
+#   0. the Mosaic GPU kernels' tests on the device (implementation="mgpu" against dense; 1 minute at most),
+#      then the pipelined ones (tuning(stages=2); 45 s at most: if they fail, step 2 sweeps stages=1 only)
 #   1. the attention tests on the device (fused path: cuDNN / Pallas kernels against the references)
 #   2. python -m benchmarks.attention --dtype bfloat16 --training_batch --mgpu_sweep
-#                                    -> results/attention-gpu.json (with the mgpu knob sweep, mgpu_sweep)
+#                                    -> results/attention-gpu.json (with the mgpu knob sweep, key_block x
+#                                       stages, in mgpu_sweep)
 #   3. python benchmarks/peers/flex_attention.py (PyTorch FlexAttention)  -> results/peers-gpu.json
 #   4. python -m benchmarks.plot                                          -> results/attention-gpu.png + table
-#   5. python -m benchmarks.models --dtype bfloat16 --training_batch      -> results/models-gpu.json
+#   5. python -m benchmarks.models --dtype bfloat16 --training_batch --attention_implementations default mgpu
+#                                    -> results/models-gpu.json (each AA model with the default and with mgpu)
 #   6. python -m train on the GPU for 90 seconds (bfloat16, digits), stopped by SIGTERM (saves, exits 0)
 #   7. python -m benchmarks.nnx (NNX vs linen train step) -> results/nnx-gpu.json
 #
@@ -42,7 +45,7 @@ if [[ $mode == --dry-run ]]; then
   "$py" -m pytest -q -p no:cacheprovider tests/test_fused.py -k folded
   "$py" -m pytest -q -x -p no:cacheprovider tests/test_mgpu.py -k on_the_device
   "$py" -m benchmarks.attention --quick --dtype bfloat16 --mgpu_sweep
-  "$py" -m benchmarks.models --quick --dtype bfloat16
+  "$py" -m benchmarks.models --quick --dtype bfloat16 --attention_implementations default mgpu
   "$py" -m benchmarks.nnx --quick
   "$py" -m train --workdir "$(mktemp -d)" --config.num_train_steps=2 --config.eval_every_steps=2 \
     --config.dtype=bfloat16
@@ -54,6 +57,7 @@ fi
 steps=("$@")
 [[ ${#steps[@]} -eq 0 || ${steps[0]} == run ]] && steps=(0 1 2 3 4 5 6 7)
 out=${OUT:-}
+mgpu_stages=(1 2) # step 2's sweep of the mgpu pipeline stages; step 0 drops 2 if its pipelined tests fail
 save() { [[ -z $out ]] || cp "$@" "$out"/ 2>/dev/null || true; }
 "$py" -c 'import jax; assert jax.default_backend() == "gpu", jax.devices(); print(jax.__version__, jax.devices())'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -63,7 +67,11 @@ for s in "${steps[@]}"; do
     step "0. Mosaic GPU kernel tests on the GPU (implementation=mgpu against dense)"
     # First, and short: a kernel that fails to compile or run costs one minute, not the session.
     JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 60 "$py" -m pytest -q -x -p no:cacheprovider \
-      tests/test_mgpu.py -k on_the_device || echo "mgpu tests FAILED (continuing to measure)"
+      tests/test_mgpu.py -k "on_the_device and not pipelined" || echo "mgpu tests FAILED (continuing to measure)"
+    # A pipelining error can hang a kernel on its barriers: 45 s here, not step 2's whole limit.
+    JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 45 "$py" -m pytest -q -x -p no:cacheprovider \
+      tests/test_mgpu.py -k "on_the_device and pipelined" ||
+      { mgpu_stages=(1) && echo "pipelined mgpu tests FAILED: step 2 sweeps stages=1 only"; }
     ;;
   1)
     step "1. attention tests on the GPU"
@@ -76,8 +84,8 @@ for s in "${steps[@]}"; do
     ;;
   2)
     step "2. attention benchmark"
-    timeout 300 "$py" -m benchmarks.attention --dtype bfloat16 --training_batch --no_rss --mgpu_sweep ||
-      echo "attention FAILED"
+    timeout 420 "$py" -m benchmarks.attention --dtype bfloat16 --training_batch --no_rss --mgpu_sweep \
+      --mgpu_stages "${mgpu_stages[@]}" || echo "attention FAILED"
     save benchmarks/results/attention-gpu.json
     ;;
   3)
@@ -92,7 +100,8 @@ for s in "${steps[@]}"; do
     ;;
   5)
     step "5. model train steps"
-    timeout 180 "$py" -m benchmarks.models --dtype bfloat16 --training_batch || echo "models FAILED"
+    timeout 240 "$py" -m benchmarks.models --dtype bfloat16 --training_batch --attention_implementations default mgpu ||
+      echo "models FAILED"
     save benchmarks/results/models-gpu.json
     ;;
   6)

@@ -27,27 +27,79 @@ def test_agreement_check_catches_a_wrong_implementation(monkeypatch):
 
 def test_models_quick_times_a_real_training_step_of_each_twin(capsys, monkeypatch):
     """The timed call is one SGD step (each call moves the parameters again); the rows count the
-    parameters of the model; the printed ratio is the two measured speeds'."""
-    prepared = []
+    parameters of the model; the printed ratio is the two measured speeds'. With two attention
+    implementations the AA model is built and timed once per implementation, in the same run: one
+    row each, recording its implementation, with its ratios to the plain twin's row. (``dense``, not
+    the ``mgpu`` that device.sh passes: on a CPU that is fused's slow XLA route, and the dry run of
+    device.sh runs it.)"""
+    prepared, implementations = [], []
     prepare = models.prepare_model
-    monkeypatch.setattr(
-        models, "prepare_model", lambda *args, **kw: prepared.append(prepare(*args, **kw)) or prepared[-1]
-    )
-    models.main(["--quick"])
+
+    def spy(*args, **kw):
+        implementations.append(args[5] if len(args) > 5 else kw.get("attention_implementation"))
+        prepared.append(prepare(*args, **kw))
+        return prepared[-1]
+
+    monkeypatch.setattr(models, "prepare_model", spy)
+    rows = models.main(["--quick", "--attention_implementations", "default", "dense"])
     out = capsys.readouterr().out
     (names, size, num_classes, _), *_ = models.QUICK_PAIRS
-    assert [row["model"] for row, _ in prepared] == list(names)
-    for row, run in prepared:
+    assert [row["model"] for row, _ in prepared] == [names[0], names[1], names[1]]
+    assert implementations == [None, None, "dense"]  # "default" leaves the model's default
+    assert [(r["model"], r["attention_implementation"]) for r in rows] == [
+        (names[0], None),
+        (names[1], "default"),
+        (names[1], "dense"),
+    ]
+    for row in rows[1:]:
+        assert row["time_ratio"] == pytest.approx(row["seconds_per_step"] / rows[0]["seconds_per_step"])
+        assert row["memory_ratio"] == pytest.approx(row["temp_bytes"] / rows[0]["temp_bytes"])
+    for row, _ in prepared[:2]:  # the dense twin has the default twin's parameters
         model = flax_models.create(row["model"], num_classes=num_classes)
         init = lambda key: model.init(key, jnp.zeros((1, size, size, 3)), train=False)  # noqa: B023
         shapes = jax.eval_shape(init, jax.random.key(1))
         assert row["params"] == sum(x.size for x in jax.tree.leaves(shapes["params"]))
+    assert prepared[2][0]["params"] == prepared[1][0]["params"]
+    for _, run in prepared:
         before = jax.tree.map(np.asarray, run()["params"])
         after = jax.tree.map(np.asarray, run()["params"])
         assert any(jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)))
-    speeds = [float(line.split()[1]) for line in out.splitlines() if "img/s" in line]
-    printed = float(out.split("time ")[1].split("x")[0])
-    assert len(speeds) == 2 and printed == pytest.approx(speeds[0] / speeds[1], rel=0.02)
+    speeds = [float(line.split(" img/s")[0].split()[-1]) for line in out.splitlines() if "img/s" in line]
+    printed = [float(line.split("time ")[1].split("x")[0]) for line in out.splitlines() if "time " in line]
+    assert len(speeds) == 3 and len(printed) == 2
+    for speed, ratio in zip(speeds[1:], printed, strict=True):
+        assert ratio == pytest.approx(speeds[0] / speed, rel=0.02)
+
+
+def test_mgpu_sweep_times_each_setting_and_records_those_that_fail(monkeypatch):
+    """Every (key_block, stages) setting the shape allows gets a row: its median seconds, or, where its
+    check against dense raised (on a GPU: a kernel beyond the shared memory), the error's first line
+    and no time; the failing setting is not timed."""
+    timed = []
+
+    def check(shape, names, dtype, key_block, stages):
+        if (key_block, stages) == (128, 2):
+            raise ValueError("Mosaic GPU kernel exceeds available shared memory: smem_bytes=1\nmore")
+
+    def forward_backward(name, key_block, stages):
+        return lambda *args: timed.append((key_block, stages)) or jnp.zeros(())
+
+    timing = measure.interleaved_median_seconds
+    monkeypatch.setattr(attention, "check_agreement", check)
+    monkeypatch.setattr(attention, "forward_backward", forward_backward)
+    monkeypatch.setattr(  # the real timing, without the 0.5 s per call that a GPU's calls need
+        measure, "interleaved_median_seconds", lambda calls, repeats, min_seconds: timing(calls, repeats)
+    )
+    rows = attention.sweep_mgpu(attention.QUICK_SHAPES[0], repeats=1, stages=(1, 2))
+    assert [(r["key_block"], r["stages"]) for r in rows] == [(64, 1), (64, 2), (128, 1), (128, 2)]
+    assert rows[3] == {
+        "shape": "quick_8x8",
+        "key_block": 128,
+        "stages": 2,
+        "error": "ValueError: Mosaic GPU kernel exceeds available shared memory: smem_bytes=1",
+    }
+    assert all(r["seconds"] > 0 and "error" not in r for r in rows[:3])
+    assert set(timed) == {(64, 1), (64, 2), (128, 1)}
 
 
 def test_interleaved_timing_calls_each_once_per_round_in_shuffled_orders():

@@ -102,6 +102,47 @@ def test_kernels_over_several_query_and_key_blocks():
         np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4 * np.abs(w).max(), err_msg=name)
 
 
+def test_tuning_sets_both_knobs_for_what_is_traced_inside_and_checks_them():
+    """Nested settings restore the outer ones; 256 keys per block is valid where a map's rows allow
+    it (8 rows of 32 at 32x32; the benchmark's sweep sets it for every such shape), and plan() says
+    where they do not; stages outside 1..MAX_STAGES and key blocks under 1 raise ValueError."""
+    assert relative_mgpu.plan(32, 32).rows == 2
+    with relative_mgpu.tuning(key_block=256, stages=2):
+        assert relative_mgpu.plan(32, 32) == relative_mgpu.Plan(32, 32, row=32, rows=8)
+        assert relative_mgpu._STAGES.get() == 2
+        with relative_mgpu.tuning(stages=3):
+            assert (relative_mgpu.plan(32, 32).rows, relative_mgpu._STAGES.get()) == (8, 3)
+        assert relative_mgpu._STAGES.get() == 2
+        with pytest.raises(ValueError, match="more than 16"):
+            relative_mgpu.plan(8, 8)  # 32 rows of 8
+    assert (relative_mgpu.plan(32, 32).rows, relative_mgpu._STAGES.get()) == (2, 1)
+    for bad in ({"stages": 0}, {"stages": relative_mgpu.MAX_STAGES + 1}, {"key_block": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))), relative_mgpu.tuning(**bad):
+            pass
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_pipelined_kernels_match_the_reference_without_races(stages):
+    """``tuning(stages=...)``: each loop's TMA loads run ``stages - 1`` blocks ahead into their own
+    shared-memory slots. 11 x 13: three key blocks (the last with one padding row) and three query
+    blocks (the last 15 of 64 real), so a block read from the wrong slot is not just a reordering of
+    the online softmax or of the sums. Values against the reference loops, all five gradients against
+    the dense path, under the interpreter's race detector (a slot read before its load was awaited,
+    or refilled while read, raises)."""
+    rng = np.random.default_rng(2250)
+    B, H, W, N, dk, dv = 1, 11, 13, 2, 4, 3
+    plan = relative_mgpu.plan(H, W)
+    assert (plan.key_blocks, plan.queries // relative_mgpu.BLOCK_Q) == (3, 3)
+    args = (*_qkv(rng, B, H, W, N, dk, dv), *_rel(rng, H, W, dk))
+    cotangent = rng.normal(size=(B, H, W, N, dv)).astype(np.float32)
+    want = jax.vjp(functools.partial(F.self_attention_2d, implementation="dense"), *args)[1](cotangent)
+    with relative_mgpu.interpret(detect_races=True), relative_mgpu.tuning(stages=stages):
+        out, grads = _value_and_vjp(_kernel_attention, args, cotangent)
+    np.testing.assert_allclose(out, self_attention_2d_ref(*args), rtol=2e-5, atol=2e-5)
+    for name, got, w in zip(("q", "k", "v", "rel_h", "rel_w"), grads, want, strict=True):
+        np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4 * np.abs(w).max(), err_msg=name)
+
+
 def test_kernels_in_bfloat16():
     """bfloat16 operands (what the GPU route runs): within bfloat16 tolerance of the reference on the
     rounded inputs, values and gradients."""
@@ -181,6 +222,21 @@ def test_forward_backward_exports_for_cuda_as_the_kernels(shape):
     assert _folded_depth_lines(text, shape) == []
 
 
+def test_pipelined_kernels_export_for_cuda():
+    """wrn_32x32 at 128 keys per block, lowered for an H100 with ``stages=2``: Mosaic's lowering
+    (layout inference, the shared-memory budget) takes the slotted buffers and the dynamic slot
+    index; each of the three kernels differs from its ``stages=1`` form (each is pipelined)."""
+    shape = PAPER_SHAPES[0]
+    calls = {}
+    for stages in (1, 2):
+        with relative_mgpu.tuning(key_block=128, stages=stages):
+            text = _export_vjp(shape)
+        calls[stages] = [line for line in text.splitlines() if MOSAIC_CALL in line]
+        assert len(calls[stages]) == 3
+        assert quadratic_lines(text, BATCH, shape.height, shape.width) == []
+    assert all(one != two for one, two in zip(calls[1], calls[2], strict=True))
+
+
 def test_kernels_run_on_each_devices_share_of_a_sharded_batch():
     """Batch 128 over a 4-device mesh: each device's kernels take its 32 images (256 image-heads),
     the factors computed by XLA outside ``shard_map``."""
@@ -210,19 +266,22 @@ def test_float32_and_a_jax_without_the_kernels_fall_back_to_fold_and_triton(monk
 
 
 @pytest.mark.parametrize(
-    ("height", "width", "heads", "key_depth", "value_depth", "dtype"),
+    ("height", "width", "heads", "key_depth", "value_depth", "dtype", "stages"),
     [
-        (1, 1, 2, 3, 2, jnp.bfloat16),
-        (3, 5, 2, 4, 3, jnp.float32),
-        (3, 5, 2, 4, 3, jnp.bfloat16),
-        (9, 13, 2, 4, 3, jnp.bfloat16),
-        (14, 14, 8, 20, 3, jnp.bfloat16),
+        (1, 1, 2, 3, 2, jnp.bfloat16, 1),
+        (3, 5, 2, 4, 3, jnp.float32, 1),
+        (3, 5, 2, 4, 3, jnp.bfloat16, 1),
+        (9, 13, 2, 4, 3, jnp.bfloat16, 1),
+        (14, 14, 8, 20, 3, jnp.bfloat16, 1),
+        pytest.param(11, 13, 2, 4, 3, jnp.bfloat16, 2, id="pipelined-11x13"),
+        pytest.param(14, 14, 8, 20, 3, jnp.bfloat16, 2, id="pipelined-14x14"),
     ],
 )
-def test_on_the_device_mgpu_matches_dense(height, width, heads, key_depth, value_depth, dtype):
+def test_on_the_device_mgpu_matches_dense(height, width, heads, key_depth, value_depth, dtype, stages):
     """``implementation="mgpu"`` as this platform runs it (a GPU: the kernels in bfloat16, fold +
-    Triton in float32; elsewhere fused's XLA route) against dense: values and all five gradients.
-    ``benchmarks/device.sh`` runs these first on a GPU."""
+    Triton in float32; elsewhere fused's XLA route) against dense: values and all five gradients;
+    the ``pipelined`` cases with ``tuning(stages=2)`` (three key and query blocks at 11x13).
+    ``benchmarks/device.sh`` runs these first on a GPU, the pipelined ones apart."""
     rng = np.random.default_rng(2240)
     args = (*_qkv(rng, 2, height, width, heads, key_depth, value_depth), *_rel(rng, height, width, key_depth))
     args = tuple(jnp.asarray(a, dtype) for a in args)
@@ -231,9 +290,10 @@ def test_on_the_device_mgpu_matches_dense(height, width, heads, key_depth, value
     want_out, want = _value_and_vjp(
         functools.partial(F.self_attention_2d, implementation="dense"), tuple(rounded[:5]), rounded[5]
     )
-    out, grads = _value_and_vjp(
-        functools.partial(F.self_attention_2d, implementation="mgpu"), args, cotangent
-    )
+    with relative_mgpu.tuning(stages=stages):
+        out, grads = _value_and_vjp(
+            functools.partial(F.self_attention_2d, implementation="mgpu"), args, cotangent
+        )
     tolerance = 1e-4 if dtype == jnp.float32 else 4e-2
     for name, got, w in zip(
         ("out", "q", "k", "v", "rel_h", "rel_w"), (out, *grads), (want_out, *want), strict=True

@@ -19,6 +19,8 @@ computed by XLA outside the kernels): ``fh [G, T, H]`` (one value per key row) a
 - Backward, correctness first: a query-parallel kernel recomputes P and accumulates dQ and, by one
   wgmma of dS against the one-hot codes of every key's row and column, ``dfh`` and ``dfw`` (no
   atomics); a key-parallel kernel accumulates dK and dV from the transposed logits.
+- Each kernel's loop loads its blocks by TMA, synchronously or pipelined through ``stages``
+  shared-memory slots (:func:`tuning`, :func:`_pipelined_loop`); ``key_block`` sets the block size.
 
 Every operand goes through shared memory (no register-held wgmma operand, no transposed view):
 that is what Mosaic GPU's interpreter (tests on a CPU, :func:`interpret`) runs. On a GPU the
@@ -62,7 +64,10 @@ _F32 = jnp.float32
 _MAX_KEY_BLOCK = 256  # keys per block at most, else each row is padded to 64 (one row per block)
 _GPU_DTYPES = (jnp.bfloat16, jnp.float16)
 _SWIZZLE = 32  # bytes
-_KEY_BLOCK = contextvars.ContextVar("key_block", default=64)  # the tuning knob, see tuning()
+_KEY_BLOCK = contextvars.ContextVar("key_block", default=64)  # the tuning knobs, see tuning()
+DEFAULT_STAGES = 1  # synchronous loads, see tuning()
+_STAGES = contextvars.ContextVar("stages", default=DEFAULT_STAGES)
+MAX_STAGES = 4  # shared-memory slots per loop operand at most (tuning(stages=...))
 Array = jax.Array
 
 
@@ -83,17 +88,23 @@ def supported(dtype: Any) -> bool:
 
 
 @contextlib.contextmanager
-def interpret() -> Iterator[None]:
+def interpret(detect_races: bool = False) -> Iterator[None]:
     """Run the kernels traced inside in Mosaic GPU's interpreter (a CPU), on an abstract H100.
 
     Wraps JAX's private interpret API (``jax._src.pallas.mosaic_gpu.interpret``) in one place.
+    ``detect_races``: its happens-before race detector raises on a shared-memory access that no
+    barrier orders after a TMA copy or wgmma touching the same bytes (e.g. a slot read before its
+    load was awaited, or refilled while read).
     """
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams, force_gpu_interpret_mode
     from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
     gpu = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     mesh = AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,), abstract_device=gpu)
-    with jax.sharding.use_abstract_mesh(mesh), force_gpu_interpret_mode(InterpretGPUParams()):
+    with (
+        jax.sharding.use_abstract_mesh(mesh),
+        force_gpu_interpret_mode(InterpretGPUParams(detect_races=detect_races)),
+    ):
         yield
 
 
@@ -161,14 +172,30 @@ def plan(height: int, width: int, key_block: int | None = None) -> Plan:
 
 
 @contextlib.contextmanager
-def tuning(key_block: int) -> Iterator[None]:
-    """Kernels traced inside take key blocks of at least ``key_block`` keys (benchmark sweeps)."""
-    plan(1, 1, key_block)  # check it
-    token = _KEY_BLOCK.set(key_block)
+def tuning(key_block: int | None = None, stages: int | None = None) -> Iterator[None]:
+    """Kernels traced inside take key blocks of at least ``key_block`` keys and load their loops'
+    blocks through ``stages`` shared-memory slots (benchmark sweeps; None keeps the setting in effect).
+
+    ``stages=1`` loads each block by TMA and waits before computing on it; ``stages=s > 1`` issues the
+    loads of block ``b + s - 1`` into the next slot before computing on block ``b`` (one barrier per
+    slot), so ``s - 1`` blocks are in flight while one is computed on. Raises ValueError for a
+    ``key_block`` that is not a positive int or ``stages`` outside 1..MAX_STAGES; whether a map can
+    take the key block is :func:`plan`'s to say (256 keys fit 32 columns a row, not 8).
+    """
+    if key_block is not None and (not isinstance(key_block, int) or key_block < 1):
+        raise ValueError(f"key_block={key_block!r} must be a positive int")
+    if stages is not None and (not isinstance(stages, int) or not 1 <= stages <= MAX_STAGES):
+        raise ValueError(f"stages={stages!r} must be an int from 1 to {MAX_STAGES}")
+    tokens = [
+        (var, var.set(value))
+        for var, value in ((_KEY_BLOCK, key_block), (_STAGES, stages))
+        if value is not None
+    ]
     try:
         yield
     finally:
-        _KEY_BLOCK.reset(token)
+        for var, token in reversed(tokens):
+            var.reset(token)
 
 
 def _one_hots(p: Plan, dtype: Any) -> tuple[Array, Array, Array, Array, Array]:
@@ -231,6 +258,81 @@ def _load(pairs: list[tuple[Any, Any]], barrier: Any) -> None:
         plgpu.barrier_wait(barrier.at[i])
 
 
+def _slots(shape: tuple[int, ...], dtype: Any, stages: int) -> Any:
+    """A loop operand's shared memory: one :func:`_smem` buffer, or ``stages`` of them stacked (the
+    tiling and swizzle of a 2-D operand apply to each slot; a 1-D one stays untiled)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if stages == 1:
+        return _smem(shape, dtype)
+    return plgpu.SMEM((stages, *shape), dtype) if len(shape) == 1 else _smem((stages, *shape), dtype)
+
+
+def _slot(buffer: Any, slot: Any) -> Any:
+    """The ``slot`` of a :func:`_slots` buffer (``slot`` None: the one buffer of ``stages=1``)."""
+    return buffer if slot is None else buffer.at[slot]
+
+
+def _loop_barrier(copies: int, stages: int) -> Any:
+    """The barriers of a :func:`_pipelined_loop`: one per slot, arrived on by its ``copies`` loads
+    (``stages=1``: None, the loop reuses the kernel's barriers of its fixed loads)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return None if stages == 1 else plgpu.Barrier(num_arrivals=copies, num_barriers=stages)
+
+
+def _pipelined_loop(
+    stages: int,
+    blocks: int,
+    copies: Callable[[Array, Any], list[tuple[Any, Any]]],
+    compute: Callable[[Array, Any, Any], Any],
+    init: Any,
+    barrier: Any,
+    loop_barrier: Any,
+) -> Any:
+    """``fori_loop`` over ``blocks`` blocks, each's operands loaded by TMA, then ``compute``d on.
+
+    ``copies(b, slot)`` gives the ``(gmem_slice, smem)`` pairs of block b into ``slot`` (index the
+    :func:`_slots` buffers with :func:`_slot`); ``compute(b, slot, carry)`` returns the next carry.
+    ``stages=1``: load block b, wait, compute (slot None; ``barrier`` as in :func:`_load`).
+    ``stages=s``: blocks ``0 .. s-2`` are issued before the loop; step b first waits until the
+    warpgroup is done with the slot of block ``b - 1`` (``commit_smem``: every wgmma that read it was
+    awaited before), issues block ``b + s - 1`` into that slot, then waits on block b's barrier
+    (``loop_barrier.at[slot]``, ``len(copies)`` arrivals) and computes while the later loads fly.
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if stages == 1:
+
+        def synchronous(b: Array, carry: Any) -> Any:
+            _load(copies(b, None), barrier)
+            return compute(b, None, carry)
+
+        return lax.fori_loop(0, blocks, synchronous, init)
+
+    def fetch(b: Any, slot: Any) -> None:
+        for src, dst in copies(b, slot):
+            plgpu.copy_gmem_to_smem(src, dst, loop_barrier.at[slot])
+
+    for b in range(min(stages - 1, blocks)):  # the prologue: static blocks and slots
+        fetch(b, b)
+
+    def step(b: Array, carry: Any) -> Any:
+        slot = lax.rem(b, stages)
+        ahead = b + (stages - 1)
+        plgpu.commit_smem()
+
+        @pl.when(ahead < blocks)
+        def _() -> None:
+            fetch(ahead, lax.rem(ahead, stages))
+
+        plgpu.barrier_wait(loop_barrier.at[slot])
+        return compute(b, slot, carry)
+
+    return lax.fori_loop(0, blocks, step, init)
+
+
 def _matmuls(shape: tuple[int, int], products: list[tuple[Any, Any]]) -> Array:
     """``sum(a @ b)`` over the smem ``(a, b)`` pairs, one float32 wgmma accumulator."""
     from jax.experimental import pallas as pl
@@ -249,8 +351,11 @@ def _row_bcast(x: Array, shape: tuple[int, ...], axis: int) -> Array:
     return lax.broadcast_in_dim(x, shape, (axis,))
 
 
-def _forward(p: Plan, q: Array, k_t: Array, v: Array, fh: Array, fw: Array, consts: tuple[Array, ...]) -> Any:
-    """``out [G, Tq, dv]`` (q's dtype) and ``lse [G, Tq]`` (float32, log2 domain) of padded inputs."""
+def _forward(
+    p: Plan, stages: int, q: Array, k_t: Array, v: Array, fh: Array, fw: Array, consts: tuple[Array, ...]
+) -> Any:
+    """``out [G, Tq, dv]`` (q's dtype) and ``lse [G, Tq]`` (float32, log2 domain) of padded inputs;
+    the key blocks loaded through ``stages`` slots (:func:`_pipelined_loop`)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -284,29 +389,29 @@ def _forward(p: Plan, q: Array, k_t: Array, v: Array, fh: Array, fw: Array, cons
             o_s: Any,
             l_s: Any,
             bar: Any,
+            key_bar: Any = None,
         ) -> None:
             _load([(q_ref.at[g, rows], q_s), (fw_ref.at[g, rows], fw_s), (er_ref, er_s), (ec_ref, ec_s)], bar)
 
-            def step(b: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
-                peak, total, acc = carry
+            def copies(b: Array, slot: Any) -> list[tuple[Any, Any]]:
                 keys = pl.ds(b * nk, nk)
-                fh_rows = pl.ds(b * _ROWS_K, _ROWS_K)
-                _load(
-                    [
-                        (k_ref.at[g, :, keys], k_s),
-                        (v_ref.at[g, keys], v_s),
-                        (fh_ref.at[g, rows, fh_rows], fh_s),
-                    ],
-                    bar,
-                )
-                s = _matmuls((BLOCK_Q, nk), [(q_s, k_s), (fh_s, er_s), (fw_s, ec_s)])
+                return [
+                    (k_ref.at[g, :, keys], _slot(k_s, slot)),
+                    (v_ref.at[g, keys], _slot(v_s, slot)),
+                    (fh_ref.at[g, rows, pl.ds(b * _ROWS_K, _ROWS_K)], _slot(fh_s, slot)),
+                ]
+
+            def step(b: Array, slot: Any, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+                peak, total, acc = carry
+                k_b, v_b, fh_b = (_slot(x, slot) for x in (k_s, v_s, fh_s))
+                s = _matmuls((BLOCK_Q, nk), [(q_s, k_b), (fh_b, er_s), (fw_s, ec_s)])
                 new_peak = jnp.maximum(peak, jnp.max(s, axis=1))
                 alpha = jnp.exp2(peak - new_peak)
                 weights = jnp.exp2(s - _row_bcast(new_peak, s.shape, 0))
                 total = total * alpha + jnp.sum(weights, axis=1)
                 p_s[...] = weights.astype(dtype)
                 plgpu.commit_smem()
-                pv = _matmuls((BLOCK_Q, value_depth), [(p_s, v_s)])
+                pv = _matmuls((BLOCK_Q, value_depth), [(p_s, v_b)])
                 return new_peak, total, acc * _row_bcast(alpha, acc.shape, 0) + pv
 
             init = (
@@ -314,7 +419,7 @@ def _forward(p: Plan, q: Array, k_t: Array, v: Array, fh: Array, fw: Array, cons
                 jnp.zeros((BLOCK_Q,), _F32),
                 jnp.zeros((BLOCK_Q, value_depth), _F32),
             )
-            peak, total, acc = lax.fori_loop(0, p.key_blocks, step, init)
+            peak, total, acc = _pipelined_loop(stages, p.key_blocks, copies, step, init, bar, key_bar)
             o_s[...] = (acc / _row_bcast(total, acc.shape, 0)).astype(o_s.dtype)
             l_s[...] = peak + jnp.log2(total)
             plgpu.commit_smem()
@@ -322,19 +427,21 @@ def _forward(p: Plan, q: Array, k_t: Array, v: Array, fh: Array, fw: Array, cons
             plgpu.copy_smem_to_gmem(l_s, lse_ref.at[g, rows])
             plgpu.wait_smem_to_gmem(0)
 
+        key_bar = _loop_barrier(3, stages)
         pl.run_scoped(
             scoped,
             _smem((BLOCK_Q, depth), dtype),
             _smem((BLOCK_Q, p.column_codes), dtype),
             _smem((_ROWS_K, nk), dtype),
             _smem((p.column_codes, nk), dtype),
-            _smem((depth, nk), dtype),
-            _smem((nk, value_depth), dtype),
-            _smem((BLOCK_Q, _ROWS_K), dtype),
+            _slots((depth, nk), dtype, stages),
+            _slots((nk, value_depth), dtype, stages),
+            _slots((BLOCK_Q, _ROWS_K), dtype, stages),
             _smem((BLOCK_Q, nk), dtype),
             _smem((BLOCK_Q, value_depth), dtype),
             _smem((BLOCK_Q,), _F32),
             plgpu.Barrier(num_barriers=4),
+            *([] if key_bar is None else [key_bar]),
         )
 
     out_type = (
@@ -352,8 +459,9 @@ def _logits(
     return _matmuls(shape, [(q_s, k_s), (fh_s, rows_s), (fw_s, cols_s)])
 
 
-def _backward_queries(p: Plan, args: tuple[Array, ...], consts: tuple[Array, ...]) -> Any:
-    """dq ``[G, queries, dk]`` and the factors' gradients ``[G, queries, codes]`` (float32)."""
+def _backward_queries(p: Plan, stages: int, args: tuple[Array, ...], consts: tuple[Array, ...]) -> Any:
+    """dq ``[G, queries, dk]`` and the factors' gradients ``[G, queries, codes]`` (float32); the key
+    blocks loaded through ``stages`` slots."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -383,7 +491,8 @@ def _backward_queries(p: Plan, args: tuple[Array, ...], consts: tuple[Array, ...
 
         def scoped(*bufs: Any) -> None:
             q_s, fw_s, er_s, ec_s, do_s, lse_s, delta_s, kt_s, k_s, vt_s, fh_s, codes_s, ds_s = bufs[:13]
-            dq_s, df_s, bar = bufs[13:]
+            dq_s, df_s, bar = bufs[13:16]
+            key_bar = bufs[16] if len(bufs) > 16 else None
             fixed = [(q_ref.at[g, rows], q_s), (fw_ref.at[g, rows], fw_s), (er_ref, er_s), (ec_ref, ec_s)]
             fixed += [
                 (do_ref.at[g, rows], do_s),
@@ -393,30 +502,31 @@ def _backward_queries(p: Plan, args: tuple[Array, ...], consts: tuple[Array, ...
             _load(fixed, bar)
             lse_v, delta_v = lse_s[...], delta_s[...]
 
+            def copies(b: Array, slot: Any) -> list[tuple[Any, Any]]:
+                keys = pl.ds(b * nk, nk)
+                return [
+                    (kt_ref.at[g, :, keys], _slot(kt_s, slot)),
+                    (k_ref.at[g, keys], _slot(k_s, slot)),
+                    (vt_ref.at[g, :, keys], _slot(vt_s, slot)),
+                    (fh_ref.at[g, rows, pl.ds(b * _ROWS_K, _ROWS_K)], _slot(fh_s, slot)),
+                    (codes_ref.at[keys], _slot(codes_s, slot)),
+                ]
+
             def accumulate(dq_acc: Any, df_acc: Any) -> None:
-                lax.fori_loop(0, p.key_blocks, functools.partial(step, dq_acc, df_acc), None)
+                step_ = functools.partial(step, dq_acc, df_acc)
+                _pipelined_loop(stages, p.key_blocks, copies, step_, None, bar, key_bar)
                 dq_s[...] = dq_acc[...]
                 df_s[...] = df_acc[...]
 
-            def step(dq_acc: Any, df_acc: Any, b: Array, carry: None) -> None:
-                keys = pl.ds(b * nk, nk)
-                blocks = [
-                    (kt_ref.at[g, :, keys], kt_s),
-                    (k_ref.at[g, keys], k_s),
-                    (vt_ref.at[g, :, keys], vt_s),
-                ]
-                blocks += [
-                    (fh_ref.at[g, rows, pl.ds(b * _ROWS_K, _ROWS_K)], fh_s),
-                    (codes_ref.at[keys], codes_s),
-                ]
-                _load(blocks, bar)
-                s = _logits(q_s, fh_s, fw_s, kt_s, er_s, ec_s, (BLOCK_Q, nk))
+            def step(dq_acc: Any, df_acc: Any, b: Array, slot: Any, carry: None) -> None:
+                kt_b, k_b, vt_b, fh_b, codes_b = (_slot(x, slot) for x in (kt_s, k_s, vt_s, fh_s, codes_s))
+                s = _logits(q_s, fh_b, fw_s, kt_b, er_s, ec_s, (BLOCK_Q, nk))
                 weights = jnp.exp2(s - _row_bcast(lse_v, s.shape, 0))
-                d_weights = _matmuls((BLOCK_Q, nk), [(do_s, vt_s)])
+                d_weights = _matmuls((BLOCK_Q, nk), [(do_s, vt_b)])
                 ds_s[...] = (weights * (d_weights - _row_bcast(delta_v, s.shape, 0))).astype(dtype)
                 plgpu.commit_smem()
-                plgpu.wgmma(dq_acc, ds_s, k_s)
-                plgpu.wgmma(df_acc, ds_s, codes_s)
+                plgpu.wgmma(dq_acc, ds_s, k_b)
+                plgpu.wgmma(df_acc, ds_s, codes_b)
                 plgpu.wgmma_wait(0)
 
             pl.run_scoped(accumulate, plgpu.ACC((BLOCK_Q, depth), _F32), plgpu.ACC((BLOCK_Q, n_codes), _F32))
@@ -425,6 +535,7 @@ def _backward_queries(p: Plan, args: tuple[Array, ...], consts: tuple[Array, ...
             plgpu.copy_smem_to_gmem(df_s, df_ref.at[g, rows])
             plgpu.wait_smem_to_gmem(0)
 
+        key_bar = _loop_barrier(5, stages)
         pl.run_scoped(
             scoped,
             _smem((BLOCK_Q, depth), dtype),
@@ -434,15 +545,16 @@ def _backward_queries(p: Plan, args: tuple[Array, ...], consts: tuple[Array, ...
             _smem((BLOCK_Q, value_depth), dtype),
             _smem((BLOCK_Q,), _F32),
             _smem((BLOCK_Q,), _F32),
-            _smem((depth, nk), dtype),
-            _smem((nk, depth), dtype),
-            _smem((value_depth, nk), dtype),
-            _smem((BLOCK_Q, _ROWS_K), dtype),
-            _smem((nk, n_codes), dtype),
+            _slots((depth, nk), dtype, stages),
+            _slots((nk, depth), dtype, stages),
+            _slots((value_depth, nk), dtype, stages),
+            _slots((BLOCK_Q, _ROWS_K), dtype, stages),
+            _slots((nk, n_codes), dtype, stages),
             _smem((BLOCK_Q, nk), dtype),
             _smem((BLOCK_Q, depth), _F32),
             _smem((BLOCK_Q, n_codes), _F32),
             plgpu.Barrier(num_barriers=7),
+            *([] if key_bar is None else [key_bar]),
         )
 
     out_type = (
@@ -453,8 +565,9 @@ def _backward_queries(p: Plan, args: tuple[Array, ...], consts: tuple[Array, ...
     return call(q, k_t, k, v_t, fh, fw, lse, delta, d_out, e_rows, e_cols, codes)
 
 
-def _backward_keys(p: Plan, args: tuple[Array, ...], consts: tuple[Array, ...]) -> Any:
-    """dk ``[G, keys, dk]`` and dv ``[G, keys, dv]`` (float32), one key block per program."""
+def _backward_keys(p: Plan, stages: int, args: tuple[Array, ...], consts: tuple[Array, ...]) -> Any:
+    """dk ``[G, keys, dk]`` and dv ``[G, keys, dv]`` (float32), one key block per program; the query
+    blocks loaded through ``stages`` slots."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -471,32 +584,42 @@ def _backward_keys(p: Plan, args: tuple[Array, ...], consts: tuple[Array, ...]) 
 
         def scoped(*bufs: Any) -> None:
             k_s, v_s, rt_s, ct_s, qt_s, q_s, fht_s, fwt_s, lse_s, delta_s, dot_s, do_s = bufs[:12]
-            p_s, ds_s, dk_s, dv_s, bar = bufs[12:]
+            p_s, ds_s, dk_s, dv_s, bar = bufs[12:17]
+            query_bar = bufs[17] if len(bufs) > 17 else None
             _load([(k_ref.at[g, keys], k_s), (v_ref.at[g, keys], v_s), (rt_ref, rt_s), (ct_ref, ct_s)], bar)
 
+            def copies(i: Array, slot: Any) -> list[tuple[Any, Any]]:
+                rows = pl.ds(i * BLOCK_Q, BLOCK_Q)
+                at = functools.partial(_slot, slot=slot)
+                return [
+                    (qt_ref.at[g, :, rows], at(qt_s)),
+                    (q_ref.at[g, rows], at(q_s)),
+                    (fht_ref.at[g, pl.ds(b * _ROWS_K, _ROWS_K), rows], at(fht_s)),
+                    (fwt_ref.at[g, :, rows], at(fwt_s)),
+                    (lse_ref.at[g, rows], at(lse_s)),
+                    (delta_ref.at[g, rows], at(delta_s)),
+                    (dot_ref.at[g, :, rows], at(dot_s)),
+                    (do_ref.at[g, rows], at(do_s)),
+                ]
+
             def accumulate(dk_acc: Any, dv_acc: Any) -> None:
-                lax.fori_loop(0, queries // BLOCK_Q, functools.partial(step, dk_acc, dv_acc), None)
+                step_ = functools.partial(step, dk_acc, dv_acc)
+                _pipelined_loop(stages, queries // BLOCK_Q, copies, step_, None, bar, query_bar)
                 dk_s[...] = dk_acc[...]
                 dv_s[...] = dv_acc[...]
 
-            def step(dk_acc: Any, dv_acc: Any, i: Array, carry: None) -> None:
-                rows = pl.ds(i * BLOCK_Q, BLOCK_Q)
-                blocks = [(qt_ref.at[g, :, rows], qt_s), (q_ref.at[g, rows], q_s)]
-                blocks += [
-                    (fht_ref.at[g, pl.ds(b * _ROWS_K, _ROWS_K), rows], fht_s),
-                    (fwt_ref.at[g, :, rows], fwt_s),
-                ]
-                blocks += [(lse_ref.at[g, rows], lse_s), (delta_ref.at[g, rows], delta_s)]
-                blocks += [(dot_ref.at[g, :, rows], dot_s), (do_ref.at[g, rows], do_s)]
-                _load(blocks, bar)
-                s_t = _logits(k_s, rt_s, ct_s, qt_s, fht_s, fwt_s, (nk, BLOCK_Q))
-                weights_t = jnp.exp2(s_t - _row_bcast(lse_s[...], s_t.shape, 1))
-                d_weights_t = _matmuls((nk, BLOCK_Q), [(v_s, dot_s)])
+            def step(dk_acc: Any, dv_acc: Any, i: Array, slot: Any, carry: None) -> None:
+                qt_i, q_i, fht_i, fwt_i, lse_i, delta_i, dot_i, do_i = (
+                    _slot(x, slot) for x in (qt_s, q_s, fht_s, fwt_s, lse_s, delta_s, dot_s, do_s)
+                )
+                s_t = _logits(k_s, rt_s, ct_s, qt_i, fht_i, fwt_i, (nk, BLOCK_Q))
+                weights_t = jnp.exp2(s_t - _row_bcast(lse_i[...], s_t.shape, 1))
+                d_weights_t = _matmuls((nk, BLOCK_Q), [(v_s, dot_i)])
                 p_s[...] = weights_t.astype(dtype)
-                ds_s[...] = (weights_t * (d_weights_t - _row_bcast(delta_s[...], s_t.shape, 1))).astype(dtype)
+                ds_s[...] = (weights_t * (d_weights_t - _row_bcast(delta_i[...], s_t.shape, 1))).astype(dtype)
                 plgpu.commit_smem()
-                plgpu.wgmma(dv_acc, p_s, do_s)
-                plgpu.wgmma(dk_acc, ds_s, q_s)
+                plgpu.wgmma(dv_acc, p_s, do_i)
+                plgpu.wgmma(dk_acc, ds_s, q_i)
                 plgpu.wgmma_wait(0)
 
             pl.run_scoped(accumulate, plgpu.ACC((nk, depth), _F32), plgpu.ACC((nk, value_depth), _F32))
@@ -505,25 +628,27 @@ def _backward_keys(p: Plan, args: tuple[Array, ...], consts: tuple[Array, ...]) 
             plgpu.copy_smem_to_gmem(dv_s, dv_ref.at[g, keys])
             plgpu.wait_smem_to_gmem(0)
 
+        query_bar = _loop_barrier(8, stages)
         pl.run_scoped(
             scoped,
             _smem((nk, depth), dtype),
             _smem((nk, value_depth), dtype),
             _smem((nk, _ROWS_K), dtype),
             _smem((nk, p.column_codes), dtype),
-            _smem((depth, BLOCK_Q), dtype),
-            _smem((BLOCK_Q, depth), dtype),
-            _smem((_ROWS_K, BLOCK_Q), dtype),
-            _smem((p.column_codes, BLOCK_Q), dtype),
-            _smem((BLOCK_Q,), _F32),
-            _smem((BLOCK_Q,), _F32),
-            _smem((value_depth, BLOCK_Q), dtype),
-            _smem((BLOCK_Q, value_depth), dtype),
+            _slots((depth, BLOCK_Q), dtype, stages),
+            _slots((BLOCK_Q, depth), dtype, stages),
+            _slots((_ROWS_K, BLOCK_Q), dtype, stages),
+            _slots((p.column_codes, BLOCK_Q), dtype, stages),
+            _slots((BLOCK_Q,), _F32, stages),
+            _slots((BLOCK_Q,), _F32, stages),
+            _slots((value_depth, BLOCK_Q), dtype, stages),
+            _slots((BLOCK_Q, value_depth), dtype, stages),
             _smem((nk, BLOCK_Q), dtype),
             _smem((nk, BLOCK_Q), dtype),
             _smem((nk, depth), _F32),
             _smem((nk, value_depth), _F32),
             plgpu.Barrier(num_barriers=8),
+            *([] if query_bar is None else [query_bar]),
         )
 
     out_type = (
@@ -589,7 +714,7 @@ def attend(q: Array, k: Array, v: Array, fh: Array, fw: Array) -> Array:
 
 def _attend_fwd(q: Array, k: Array, v: Array, fh: Array, fw: Array) -> tuple[Array, tuple[Array, ...]]:
     p, (q2, keys, values, fh_p, fw_p) = _padded_inputs(q, k, v, fh, fw)
-    out, lse = _forward(p, q2, keys.swapaxes(1, 2), values, fh_p, fw_p, _one_hots(p, q.dtype))
+    out, lse = _forward(p, _STAGES.get(), q2, keys.swapaxes(1, 2), values, fh_p, fw_p, _one_hots(p, q.dtype))
     out = out[:, : q.shape[1], : v.shape[-1]]
     return out, (q, k, v, fh, fw, out, lse)
 
@@ -603,10 +728,13 @@ def _attend_bwd(residuals: tuple[Array, ...], d_out: Array) -> tuple[Array, ...]
     queries = _pad_to(q.astype(dtype), q2.shape)
     consts = _one_hots(p, dtype)
     args = (q2, keys.swapaxes(1, 2), keys, values.swapaxes(1, 2), fh_p, fw_p, lse, delta, d_out_p)
-    d_q, d_factors = _backward_queries(p, args, consts)
+    d_q, d_factors = _backward_queries(p, _STAGES.get(), args, consts)
     t = lambda x: x.swapaxes(1, 2)
     d_k, d_v = _backward_keys(
-        p, (t(q2), queries, keys, values, t(fh_p), t(fw_p), lse, delta, t(d_out_p), d_out_p), consts
+        p,
+        _STAGES.get(),
+        (t(q2), queries, keys, values, t(fh_p), t(fw_p), lse, delta, t(d_out_p), d_out_p),
+        consts,
     )
     tokens = q.shape[1]
     d_fh = d_factors[:, :tokens, : p.height]
