@@ -89,7 +89,7 @@ def test_topologies_give_the_documented_device_kinds(topology):
 
 
 # Every paper shape on the v5e, wrn_8x8 on the other generations (what differs there is the
-# kernel's dtype and Mosaic's target, not the shape). v3's kernels compile in its train step below.
+# kernel's dtype and Mosaic's target, not the shape); v3's below, under a mesh of all its cores.
 CASES = [("v5e:1x1", s) for s in PAPER_SHAPES] + [
     (topology, PAPER_SHAPES[2]) for topology in ("v6e:1x1", "v4:2x2x1", "v5p:2x2x1", "v2:2x2")
 ]
@@ -112,11 +112,31 @@ def test_the_bfloat16_kernel_does_not_compile_for_v3():
         _compile(fused.tpu_flash_attention, args, mesh)
 
 
-@pytest.mark.parametrize("topology", ["v5e:2x2", "v3:2x2"])
-def test_data_parallel_train_step_compiles(topology):
-    """A small AA ResNet's bfloat16 train step, batch split over every chip (core on v3) as
+def test_v3_takes_float32_kernels_on_each_cores_images():
+    """v2/v3 run the kernel in float32 (the bfloat16 one does not compile there, above), which
+    attention.py decides from the device kind of the mesh: here a data-parallel mesh of all eight v3
+    cores, bfloat16 inputs split over them as ``python -m train`` splits a batch."""
+    devices = _devices("v3:2x2")
+    mesh = Mesh(np.array(devices), ("data",))
+    batch = BATCH * len(devices)
+    args = [
+        _sharded((batch, *x.shape[1:]), jnp.bfloat16, mesh, PartitionSpec("data"))
+        if x.ndim == 5
+        else _sharded(x.shape, jnp.bfloat16, mesh)
+        for x in jax.eval_shape(PAPER_SHAPES[2].arrays)
+    ]
+    compiled = _compile(_forward_backward, args, mesh)
+    kernels = [line for line in compiled.as_text().splitlines() if '"tpu_custom_call"' in line]
+    assert len(kernels) >= 3
+    for line in kernels:  # the result types: float32, one core's images
+        results = line.split("custom-call(")[0]
+        assert "bf16" not in results and f"f32[{BATCH}," in results, results
+
+
+def test_data_parallel_train_step_compiles():
+    """A small AA ResNet's bfloat16 train step, batch split over the four chips of a v5e:2x2 as
     ``python -m train`` runs it: kernels per attention map size, each on one device's images."""
-    devices = _devices(topology)
+    devices = _devices("v5e:2x2")
     mesh = Mesh(np.array(devices), ("data",))
     model = models.create("aa_resnet_cifar", depth=8, num_classes=10, dtype=jnp.bfloat16)
     image_shape = (16, 16, 3)
