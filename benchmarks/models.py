@@ -34,6 +34,7 @@ TRAINING_PAIRS = (  # per accelerator: the CIFAR recipe's batch, ImageNet 4096 o
     (("resnet50", "aa_resnet50"), 224, 1000, 32),
 )
 QUICK_PAIRS = ((("resnet_cifar", "aa_resnet_cifar"), 32, 10, 4),)
+QUICK_OVERRIDES = {"depth": 8}  # --quick: one block per stage (same code, a third of the compile)
 DEFAULT = "default"  # --attention_implementations: the library's per-platform choice (None)
 
 
@@ -64,15 +65,18 @@ def prepare_model(
     batch: int,
     dtype=jnp.float32,
     attention_implementation: str | None = None,
+    overrides: dict | None = None,
 ):
     """A row of facts about the model and a no-argument call that runs one train step.
 
-    ``attention_implementation``: passed to the model (an AA model; None leaves its default).
+    ``attention_implementation``: passed to the model (an AA model; None leaves its default);
+    ``overrides``: the model's other overrides (``models.create``), recorded in the row.
     """
-    overrides = (
+    overrides = dict(overrides or {})
+    implementation = (
         {} if attention_implementation is None else {"attention_implementation": attention_implementation}
     )
-    model = models.create(name, num_classes=num_classes, dtype=dtype, **overrides)
+    model = models.create(name, num_classes=num_classes, dtype=dtype, **overrides, **implementation)
     images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
     labels = jnp.zeros((batch,), jnp.int32)
     variables = model.init(jax.random.key(1), images, train=False)
@@ -83,6 +87,7 @@ def prepare_model(
         "input_size": size,
         "batch": batch,
         "dtype": jnp.dtype(dtype).name,
+        "model_overrides": overrides,
         "temp_bytes": int(step.memory_analysis().temp_size_in_bytes),
         "params": models.count_params(variables["params"]),
     }
@@ -103,6 +108,7 @@ def measure_pair(
     repeats: int = 5,
     dtype=jnp.float32,
     attention_implementations=(DEFAULT,),
+    overrides: dict | None = None,
 ):
     """Rows of a plain model and of its AA twin once per attention implementation (``DEFAULT`` or an
     ``implementation=`` name), all their steps timed in the same interleaved rounds.
@@ -114,7 +120,13 @@ def measure_pair(
     cases = [(plain, None)] + [(augmented, impl) for impl in attention_implementations]
     prepared = {
         case: prepare_model(
-            case[0], size, num_classes, batch, dtype, None if case[1] in (None, DEFAULT) else case[1]
+            case[0],
+            size,
+            num_classes,
+            batch,
+            dtype,
+            None if case[1] in (None, DEFAULT) else case[1],
+            overrides,
         )
         for case in cases
     }
@@ -139,7 +151,9 @@ def main(argv=None) -> list[dict]:
     """Run the benchmark; returns its rows (also in ``--quick``, which writes nothing)."""
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--quick", action="store_true", help="the small CIFAR pair only; writes nothing")
+    parser.add_argument(
+        "--quick", action="store_true", help="the small CIFAR pair at depth 8 only; writes nothing"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     parser.add_argument(
         "--training_batch", action="store_true", help="batch 128 (WRN, 32x32) and 32 (ResNet-50, 224x224)"
@@ -168,6 +182,7 @@ def main(argv=None) -> list[dict]:
             batch,
             dtype=jnp.dtype(args.dtype),
             attention_implementations=implementations,
+            overrides=QUICK_OVERRIDES if args.quick else None,
         )
         for row in measured:
             label = row["model"] + (

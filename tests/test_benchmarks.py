@@ -55,7 +55,8 @@ def test_models_quick_times_a_real_training_step_of_each_twin(capsys, monkeypatc
         assert row["time_ratio"] == pytest.approx(row["seconds_per_step"] / rows[0]["seconds_per_step"])
         assert row["memory_ratio"] == pytest.approx(row["temp_bytes"] / rows[0]["temp_bytes"])
     for row, _ in prepared[:2]:  # the dense twin has the default twin's parameters
-        model = flax_models.create(row["model"], num_classes=num_classes)
+        assert row["model_overrides"] == models.QUICK_OVERRIDES
+        model = flax_models.create(row["model"], num_classes=num_classes, **models.QUICK_OVERRIDES)
         init = lambda key: model.init(key, jnp.zeros((1, size, size, 3)), train=False)  # noqa: B023
         shapes = jax.eval_shape(init, jax.random.key(1))
         assert row["params"] == sum(x.size for x in jax.tree.leaves(shapes["params"]))

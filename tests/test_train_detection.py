@@ -163,7 +163,7 @@ def test_the_backbone_starts_from_the_classifier(trained, classifier):
     output = (pathlib.Path(trained) / FIRST_START_OUTPUT).read_text()
     assert f"from aa_resnet18 in {classifier}" in output
     model = train_state.create_model(tiny_detection_config(), num_classes=3)
-    fresh = model.init(jax.random.key(7), np.zeros((1, SIZE, SIZE, 3), np.float32), train=False)
+    fresh = initialised(model, seed=7)
     params, stats, _ = warm_start.warm_start(fresh["params"], fresh["batch_stats"], classifier)
     source = train_loading_variables(classifier)
     for name, leaf in flat(params["backbone"]).items():
@@ -184,12 +184,18 @@ def test_init_from_another_architecture_names_the_leaf(classifier):
     config = tiny_detection_config()
     config.model_overrides.backbone_overrides.width = 16
     model = train_state.create_model(config, num_classes=3)
-    fresh = model.init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32), train=False)
+    fresh = initialised(model, seed=0)
     with pytest.raises(
         ValueError,
         match=r"params \S+ has shape \(8,\) in the source run but \(16,\) in this model: the source is",
     ):
         warm_start.warm_start(fresh["params"], fresh["batch_stats"], classifier)
+
+
+def initialised(model, seed: int) -> dict:
+    """``model``'s variables for SIZE x SIZE images (jitted: an eager detector init compiles op by op)."""
+    init = jax.jit(functools.partial(model.init, train=False))
+    return init(jax.random.key(seed), np.zeros((1, SIZE, SIZE, 3), np.float32))
 
 
 def train_loading_variables(workdir: str) -> dict:
