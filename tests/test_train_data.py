@@ -4,11 +4,13 @@ the determinism, shuffling and padding of the grain streams. Nothing here touche
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import http.server
 import pathlib
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -171,6 +173,39 @@ def test_training_stream_is_reshuffled_each_epoch_and_deterministic_given_the_se
     assert list(first[:10]) != list(first[10:])
     np.testing.assert_array_equal(labels(seed=0), first)
     assert list(labels(seed=1)) != list(first)
+
+
+@dataclasses.dataclass(frozen=True)
+class CountedSource(dataset.ArraySource):
+    """An ArraySource that appends a byte to the file ``log`` at each read, from any process."""
+
+    log: str
+
+    def __getitem__(self, index: int) -> dataset.Record:
+        with open(self.log, "ab") as file:
+            file.write(b".")
+        return super().__getitem__(index)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_training_stream_reads_a_few_batches_ahead_not_hundreds(tmp_path, workers):
+    """grain's default read-ahead (500 elements, each a whole batch here) would hold hundreds of
+    batches; the pipeline reads at most four beyond those taken in the training process, and one at
+    a time in a worker process (which then waits for its queue)."""
+    log = tmp_path / "reads"
+    log.touch()
+    data = _indexed_dataset(10)
+    counted = CountedSource(data.train.images, data.train.labels, str(log))
+    iterator = pipeline.train_iterator(
+        dataclasses.replace(data, train=counted), batch_size=2, seed=0, workers=workers
+    )
+    for _ in range(3):
+        next(iterator)
+    limit = 2 * (3 + 4)  # records of the batches taken and of four more
+    deadline = time.monotonic() + 1
+    while log.stat().st_size <= limit and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 2 * 3 <= log.stat().st_size <= limit
 
 
 def test_test_batches_cover_every_record_once_with_padding_masked():

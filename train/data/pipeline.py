@@ -51,8 +51,17 @@ def check_dataset(data: Dataset) -> None:
     check(data.test_transform(data.test[0]), split="test")
 
 
+# How far the pipelines read ahead of the step. grain's default (16 threads, 500 elements) is sized
+# for small records; an element here is a whole batch, so it held up to 500 batches per process
+# (gigabytes for ImageNet's) and spent the CPU on them while the first step compiled. In the
+# training process: two threads, four batches ahead; in each worker process (data_workers > 0) one
+# batch at a time, since the workers are the parallelism.
+IN_PROCESS_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+IN_WORKER_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
 def _parallel(dataset: grain.MapDataset, workers: int) -> grain.IterDataset:
-    dataset = dataset.to_iter_dataset()
+    dataset = dataset.to_iter_dataset(IN_WORKER_READ if workers else IN_PROCESS_READ)
     if workers:
         # grain's workers read absl flags: outside an absl program (a notebook, a test) they are unparsed
         if not flags.FLAGS.is_parsed():
