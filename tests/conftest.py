@@ -20,7 +20,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def trained_digits(tmp_path_factory):
-    """The default digits run, shortened to 100 steps and widened to 48 channels: a model the
+    """The default digits run, shortened to 100 steps and narrowed to 24 channels: a model the
     default config does not build, so whatever uses this workdir must read its recorded config.
     Trained once per test session (:func:`made_once`)."""
     return made_once(tmp_path_factory, "trained_digits", _train_digits)
@@ -31,7 +31,7 @@ def _train_digits(path: pathlib.Path) -> None:
         "--config.num_train_steps=100",
         "--config.eval_every_steps=1000",
         "--config.checkpoint_every_steps=50",
-        "--config.model_overrides.width=48",
+        "--config.model_overrides.width=24",
     ]
     result = subprocess.run(
         [sys.executable, "-m", "train", "--workdir", str(path), *flags],
