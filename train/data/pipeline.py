@@ -53,7 +53,7 @@ def check_dataset(data: Dataset) -> None:
 
 # How far the pipelines read ahead of the step. grain's default (16 threads, 500 elements) is sized
 # for small records; an element here is a whole batch, so it held up to 500 batches per process
-# (gigabytes for ImageNet's) and spent the CPU on them while the first step compiled. In the
+# (1.2 TB of the ImageNet recipe's) and spent the CPU on them while the first step compiled. In the
 # training process: two threads, four batches ahead; in each worker process (data_workers > 0) one
 # batch at a time, since the workers are the parallelism.
 IN_PROCESS_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
