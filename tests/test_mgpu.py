@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
+from jax.ad_checkpoint import print_saved_residuals
 from jax.sharding import PartitionSpec
 
 from aacn_jax import functional as F
@@ -39,8 +40,7 @@ def _kernel_attention(q, k, v, rel_h=None, rel_w=None):
     """``self_attention_2d``'s CUDA route of ``"mgpu"`` (scaling, absolute tables, factors, kernels)."""
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     tables = [None, None] if rel_h is None else [F.absolute_table(t).astype(q.dtype) for t in (rel_h, rel_w)]
-    fh, fw = relative_mgpu.factors(q, *tables)
-    out = relative_mgpu.relative_attention(q, k, v.astype(q.dtype), fh, fw)
+    out = relative_mgpu.relative_attention(q, k, v.astype(q.dtype), *tables)
     return jnp.moveaxis(out, 1, 3)
 
 
@@ -85,12 +85,18 @@ def test_kernels_match_the_float64_reference_values_and_central_differences(heig
 
 
 def test_kernels_over_several_query_and_key_blocks():
-    """5 x 13 (odd, non-square): rows padded 13 -> 16 (three masked columns), 4 rows per key block
-    (two blocks, the second with three padding rows), 65 queries in two blocks of 64. Values
-    against the reference, all five gradients against the dense path."""
+    """17 x 5 (odd, non-square): rows padded 5 -> 8 (three masked columns), 8 rows per key block
+    (three blocks, the last with seven padding rows), 85 queries in two blocks of 64. fh is stored
+    unwidened, 17 rows padded to 32: the blocks read its 16-row windows 0, 0 and 1 at offsets 0, 8
+    and 0. Values against the reference, all five gradients against the dense path."""
     rng = np.random.default_rng(2210)
-    B, H, W, N, dk, dv = 1, 5, 13, 2, 4, 3
-    assert relative_mgpu.plan(H, W) == relative_mgpu.Plan(H, W, row=16, rows=4)
+    B, H, W, N, dk, dv = 1, 17, 5, 2, 4, 3
+    plan = relative_mgpu.plan(H, W)
+    assert (plan, plan.key_blocks, plan.phases) == (relative_mgpu.Plan(H, W, row=8, rows=8), 3, 2)
+    fh_padded, _ = relative_mgpu._factors_padded(
+        plan, jnp.zeros((1, H * W, H)), jnp.zeros((1, H * W, W)), jnp.float32
+    )
+    assert fh_padded.shape == (1, plan.queries, 32)
     args = (*_qkv(rng, B, H, W, N, dk, dv), *_rel(rng, H, W, dk))
     cotangent = rng.normal(size=(B, H, W, N, dv)).astype(np.float32)
     dense = functools.partial(F.self_attention_2d, implementation="dense")
@@ -100,6 +106,20 @@ def test_kernels_over_several_query_and_key_blocks():
     np.testing.assert_allclose(out, self_attention_2d_ref(*args), rtol=2e-5, atol=2e-5)
     for name, got, w in zip(("q", "k", "v", "rel_h", "rel_w"), grads, want, strict=True):
         np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4 * np.abs(w).max(), err_msg=name)
+
+
+def test_the_backward_keeps_no_relative_factors(capsys):
+    """What the forward saves for the backward: the inputs, the output and the log-sum-exp. The
+    factors (H + W float32 values per query and head, several times q) are recomputed instead."""
+    B, H, W, N, dk, dv = 2, 5, 7, 2, 4, 3
+    q, v = jnp.ones((B, H, W, N, dk), jnp.bfloat16), jnp.ones((B, H, W, N, dv), jnp.bfloat16)
+    tables = jnp.ones((H, H, dk), jnp.bfloat16), jnp.ones((W, W, dk), jnp.bfloat16)
+    with relative_mgpu.interpret():
+        print_saved_residuals(relative_mgpu.relative_attention, q, q, v, *tables)
+    saved = re.findall(r"^(\w+\[[\d,]*\])", capsys.readouterr().out, re.MULTILINE)
+    queries = relative_mgpu.plan(H, W).queries
+    expected = ["bf16[2,5,7,2,4]"] * 2 + ["bf16[2,5,7,2,3]", "bf16[5,5,4]", "bf16[7,7,4]"]
+    assert sorted(saved) == sorted([*expected, f"f32[{B * N},{queries}]", "bf16[2,2,5,7,3]"])
 
 
 def test_tuning_sets_both_knobs_for_what_is_traced_inside_and_checks_them():

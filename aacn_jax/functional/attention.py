@@ -361,8 +361,7 @@ def _mgpu_attention(
         return fused(q, k, v, table_h, table_w)
 
     def cuda(q: Array, k: Array, v: Array, table_h: Table, table_w: Table) -> Array:
-        logits_h, logits_w = relative_mgpu.factors(q, table_h, table_w)  # XLA: partitioned as usual
-        return _per_device(relative_mgpu.relative_attention, q, k, v, logits_h, logits_w)
+        return _per_device(relative_mgpu.relative_attention, q, k, v, whole=(table_h, table_w))
 
     return _by_platform(q, k, v, table_h, table_w, tpu=fused, cuda=cuda, default=fused)
 

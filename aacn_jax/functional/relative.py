@@ -7,6 +7,8 @@ The learned tables r^H ``[2H-1, d]`` and r^W ``[2W-1, d]`` hold one row per offs
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -72,12 +74,12 @@ def relative_logit_factors(
 
 
 def heads_first_logit_factors(
-    q: jax.Array, table_h: jax.Array, table_w: jax.Array
+    q: jax.Array, table_h: jax.Array, table_w: jax.Array, dtype: Any = jnp.float32
 ) -> tuple[jax.Array, jax.Array]:
-    """:func:`relative_logit_factors` of heads-first queries ``q [B, N, R, W, d]``."""
-    f32 = jnp.float32
-    logits_h = jnp.einsum("bnxyd,xzd->bnxyz", q, table_h, preferred_element_type=f32)
-    logits_w = jnp.einsum("bnxyd,ywd->bnxyw", q, table_w, preferred_element_type=f32)
+    """:func:`relative_logit_factors` of heads-first queries ``q [B, N, R, W, d]``, in ``dtype``
+    (q's dtype keeps their gradients in it too; XLA's CPU and GPU dots sum in float32 either way)."""
+    logits_h = jnp.einsum("bnxyd,xzd->bnxyz", q, table_h, preferred_element_type=dtype)
+    logits_w = jnp.einsum("bnxyd,ywd->bnxyw", q, table_w, preferred_element_type=dtype)
     return logits_h, logits_w
 
 

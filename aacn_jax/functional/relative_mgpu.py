@@ -7,13 +7,16 @@ computed by XLA outside the kernels): ``fh [G, T, H]`` (one value per key row) a
 (one per key column), G = B * heads. The kernels add them inside their tile loops, so no
 ``[G, T, T]`` array and no widened ("folded") depth exists:
 
-- Keys come in blocks of ``rows`` whole image rows, each row padded to ``row`` columns (a multiple
-  of 8) so that a block is a multiple of 64 keys (the wgmma M of the key-parallel backward).
-  Padding columns get ``fw = -1e30`` and padding rows ``fh = -1e30``: their softmax weight is
-  exactly 0, with no mask input (a finite value, so that 0 * pad stays 0 in the matmuls).
+- Keys come in blocks of ``rows`` whole image rows (a power of two), each row padded to ``row``
+  columns (a multiple of 8) so that a block is a multiple of 64 keys (the wgmma M of the
+  key-parallel backward). Padding columns get ``fw = -1e30`` and padding rows ``fh = -1e30``: their
+  softmax weight is exactly 0, with no mask input (a finite value, so that 0 * pad stays 0 in the
+  matmuls).
 - A block's logits are three wgmmas into one float32 accumulator: ``q . k`` plus the two factors
-  spread over the block's keys by constant one-hot matrices, ``fh[:, r0:r0+16] @ E_rows`` and
-  ``fw @ E_cols`` (K = 16 and W rounded up to 16: a small extra for the tensor cores, exact).
+  spread over the block's keys by constant one-hot matrices, ``fh[:, w:w+16] @ E_rows`` (w: the
+  16-aligned window holding the block's rows; E_rows picks them, one matrix per position in the
+  window) and ``fw @ E_cols`` (K = 16 and W rounded up to 16: a small extra for the tensor cores,
+  exact). ``fh`` is stored unwidened, ``[G, queries, H]`` with H rounded up to 16.
 - Online softmax in the log2 domain (q and the factors pre-multiplied by log2 e, ``exp2``); the
   forward writes the output and the log-sum-exp.
 - Backward, correctness first: a query-parallel kernel recomputes P and accumulates dQ and, by one
@@ -57,7 +60,7 @@ __all__ = [
 ]
 
 BLOCK_Q = 64  # queries per program and per step of the key-parallel loop (one warpgroup's wgmma M)
-_ROWS_K = 16  # columns of the fh slice a key block reads (its rows, padded to wgmma's K of 16)
+_ROWS_K = 16  # columns of the fh window a key block reads (16-aligned, holding its rows; wgmma's K)
 _NEG = -1e30  # the factor of a padding row or column: exp2(_NEG - max) == 0
 _LOG2E = math.log2(math.e)
 _F32 = jnp.float32
@@ -142,6 +145,12 @@ class Plan:
         return _round_up(self.height * self.width, BLOCK_Q)
 
     @property
+    def phases(self) -> int:
+        """Key blocks per 16-row window of ``fh``: block b's rows are rows ``rows * (b % phases) ..``
+        of window ``b // phases`` (``rows`` is a power of two, so a block never straddles two)."""
+        return _ROWS_K // self.rows
+
+    @property
     def row_codes(self) -> int:
         """Columns of ``dfh`` the query-parallel backward accumulates (padded rows, multiple of 16)."""
         return _round_up(self.padded_height, 16)
@@ -153,8 +162,8 @@ class Plan:
 
 
 def plan(height: int, width: int, key_block: int | None = None) -> Plan:
-    """The fewest whole rows per key block that make a multiple of 64 keys (at most 256), and at least
-    ``key_block`` keys (default: the :func:`tuning` in effect, else 64).
+    """The fewest whole rows per key block, a power of two, that make a multiple of 64 keys (at most
+    256), and at least ``key_block`` keys (default: the :func:`tuning` in effect, else 64).
 
     Raises ValueError where that takes more than 16 rows (the fh slice a key block reads).
     """
@@ -163,7 +172,7 @@ def plan(height: int, width: int, key_block: int | None = None) -> Plan:
     if rows * row > _MAX_KEY_BLOCK:
         row, rows = _round_up(width, 64), 1
     key_block = _KEY_BLOCK.get() if key_block is None else key_block
-    rows *= max(1, -(-key_block // (rows * row)))
+    rows <<= (max(1, -(-key_block // (rows * row))) - 1).bit_length()  # times a power of two
     if rows > _ROWS_K:
         raise ValueError(
             f"key_block={key_block} needs {rows} rows of {row} keys per block, more than {_ROWS_K}"
@@ -201,11 +210,14 @@ def tuning(key_block: int | None = None, stages: int | None = None) -> Iterator[
 def _one_hots(p: Plan, dtype: Any) -> tuple[Array, Array, Array, Array, Array]:
     """Constant codes of the keys' rows and columns.
 
-    ``rows_in_block [16, Nk]`` and ``cols_in_block [W16, Nk]`` (a key block's local row and column),
-    their transposes, and ``codes [keys, row_codes + column_codes]``: every key's global row and column.
+    ``rows_in_window [phases * 16, Nk]`` (for each phase, a key block's rows within its ``fh`` window:
+    :attr:`Plan.phases`), ``cols_in_block [W16, Nk]`` (a key block's columns), their transposes
+    (``[phases * Nk, 16]``, ``[Nk, W16]``), and ``codes [keys, row_codes + column_codes]``: every key's
+    global row and column.
     """
     key = jnp.arange(p.key_block)
-    local_rows = (key[None, :] // p.row == jnp.arange(_ROWS_K)[:, None]).astype(dtype)
+    window_row = (key // p.row)[None, None, :] + p.rows * jnp.arange(p.phases)[:, None, None]
+    local_rows = (window_row == jnp.arange(_ROWS_K)[None, :, None]).astype(dtype)  # phase, 16, Nk
     cols = (key[None, :] % p.row == jnp.arange(p.column_codes)[:, None]).astype(dtype)
     every = jnp.arange(p.keys)
     codes = jnp.concatenate(
@@ -215,7 +227,8 @@ def _one_hots(p: Plan, dtype: Any) -> tuple[Array, Array, Array, Array, Array]:
         ],
         axis=1,
     ).astype(dtype)
-    return local_rows, cols, local_rows.T, cols.T, codes
+    rows_t = local_rows.swapaxes(1, 2).reshape(-1, _ROWS_K)
+    return local_rows.reshape(-1, p.key_block), cols, rows_t, cols.T, codes
 
 
 def _smem(shape: tuple[int, ...], dtype: Any) -> Any:
@@ -351,6 +364,21 @@ def _row_bcast(x: Array, shape: tuple[int, ...], axis: int) -> Array:
     return lax.broadcast_in_dim(x, shape, (axis,))
 
 
+def _window(p: Plan, b: Any) -> Any:
+    """The 16 columns of ``fh`` (rows of ``fh_t``) that hold key block b's rows: a multiple of the
+    tile, as Mosaic's TMA slices need."""
+    from jax.experimental import pallas as pl
+
+    return pl.ds(lax.div(b, p.phases) * _ROWS_K, _ROWS_K)
+
+
+def _phase(p: Plan, b: Any, size: int) -> Any:
+    """Key block b's ``size`` rows of a constant stacked by phase (:func:`_one_hots`)."""
+    from jax.experimental import pallas as pl
+
+    return pl.ds(lax.rem(b, p.phases) * size, size)
+
+
 def _forward(
     p: Plan, stages: int, q: Array, k_t: Array, v: Array, fh: Array, fw: Array, consts: tuple[Array, ...]
 ) -> Any:
@@ -391,20 +419,21 @@ def _forward(
             bar: Any,
             key_bar: Any = None,
         ) -> None:
-            _load([(q_ref.at[g, rows], q_s), (fw_ref.at[g, rows], fw_s), (er_ref, er_s), (ec_ref, ec_s)], bar)
+            _load([(q_ref.at[g, rows], q_s), (fw_ref.at[g, rows], fw_s), (ec_ref, ec_s)], bar)
 
             def copies(b: Array, slot: Any) -> list[tuple[Any, Any]]:
                 keys = pl.ds(b * nk, nk)
                 return [
                     (k_ref.at[g, :, keys], _slot(k_s, slot)),
                     (v_ref.at[g, keys], _slot(v_s, slot)),
-                    (fh_ref.at[g, rows, pl.ds(b * _ROWS_K, _ROWS_K)], _slot(fh_s, slot)),
+                    (fh_ref.at[g, rows, _window(p, b)], _slot(fh_s, slot)),
+                    (er_ref.at[_phase(p, b, _ROWS_K)], _slot(er_s, slot)),
                 ]
 
             def step(b: Array, slot: Any, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
                 peak, total, acc = carry
-                k_b, v_b, fh_b = (_slot(x, slot) for x in (k_s, v_s, fh_s))
-                s = _matmuls((BLOCK_Q, nk), [(q_s, k_b), (fh_b, er_s), (fw_s, ec_s)])
+                k_b, v_b, fh_b, er_b = (_slot(x, slot) for x in (k_s, v_s, fh_s, er_s))
+                s = _matmuls((BLOCK_Q, nk), [(q_s, k_b), (fh_b, er_b), (fw_s, ec_s)])
                 new_peak = jnp.maximum(peak, jnp.max(s, axis=1))
                 alpha = jnp.exp2(peak - new_peak)
                 weights = jnp.exp2(s - _row_bcast(new_peak, s.shape, 0))
@@ -427,12 +456,12 @@ def _forward(
             plgpu.copy_smem_to_gmem(l_s, lse_ref.at[g, rows])
             plgpu.wait_smem_to_gmem(0)
 
-        key_bar = _loop_barrier(3, stages)
+        key_bar = _loop_barrier(4, stages)
         pl.run_scoped(
             scoped,
             _smem((BLOCK_Q, depth), dtype),
             _smem((BLOCK_Q, p.column_codes), dtype),
-            _smem((_ROWS_K, nk), dtype),
+            _slots((_ROWS_K, nk), dtype, stages),
             _smem((p.column_codes, nk), dtype),
             _slots((depth, nk), dtype, stages),
             _slots((nk, value_depth), dtype, stages),
@@ -460,8 +489,8 @@ def _logits(
 
 
 def _backward_queries(p: Plan, stages: int, args: tuple[Array, ...], consts: tuple[Array, ...]) -> Any:
-    """dq ``[G, queries, dk]`` and the factors' gradients ``[G, queries, codes]`` (float32); the key
-    blocks loaded through ``stages`` slots."""
+    """dq ``[G, queries, dk]`` and the factors' gradients ``[G, queries, codes]`` (float32 sums,
+    written in q's dtype); the key blocks loaded through ``stages`` slots."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -493,7 +522,7 @@ def _backward_queries(p: Plan, stages: int, args: tuple[Array, ...], consts: tup
             q_s, fw_s, er_s, ec_s, do_s, lse_s, delta_s, kt_s, k_s, vt_s, fh_s, codes_s, ds_s = bufs[:13]
             dq_s, df_s, bar = bufs[13:16]
             key_bar = bufs[16] if len(bufs) > 16 else None
-            fixed = [(q_ref.at[g, rows], q_s), (fw_ref.at[g, rows], fw_s), (er_ref, er_s), (ec_ref, ec_s)]
+            fixed = [(q_ref.at[g, rows], q_s), (fw_ref.at[g, rows], fw_s), (ec_ref, ec_s)]
             fixed += [
                 (do_ref.at[g, rows], do_s),
                 (lse_ref.at[g, rows], lse_s),
@@ -508,19 +537,22 @@ def _backward_queries(p: Plan, stages: int, args: tuple[Array, ...], consts: tup
                     (kt_ref.at[g, :, keys], _slot(kt_s, slot)),
                     (k_ref.at[g, keys], _slot(k_s, slot)),
                     (vt_ref.at[g, :, keys], _slot(vt_s, slot)),
-                    (fh_ref.at[g, rows, pl.ds(b * _ROWS_K, _ROWS_K)], _slot(fh_s, slot)),
+                    (fh_ref.at[g, rows, _window(p, b)], _slot(fh_s, slot)),
+                    (er_ref.at[_phase(p, b, _ROWS_K)], _slot(er_s, slot)),
                     (codes_ref.at[keys], _slot(codes_s, slot)),
                 ]
 
             def accumulate(dq_acc: Any, df_acc: Any) -> None:
                 step_ = functools.partial(step, dq_acc, df_acc)
                 _pipelined_loop(stages, p.key_blocks, copies, step_, None, bar, key_bar)
-                dq_s[...] = dq_acc[...]
-                df_s[...] = df_acc[...]
+                dq_s[...] = dq_acc[...].astype(dtype)
+                df_s[...] = df_acc[...].astype(dtype)
 
             def step(dq_acc: Any, df_acc: Any, b: Array, slot: Any, carry: None) -> None:
-                kt_b, k_b, vt_b, fh_b, codes_b = (_slot(x, slot) for x in (kt_s, k_s, vt_s, fh_s, codes_s))
-                s = _logits(q_s, fh_b, fw_s, kt_b, er_s, ec_s, (BLOCK_Q, nk))
+                kt_b, k_b, vt_b, fh_b, er_b, codes_b = (
+                    _slot(x, slot) for x in (kt_s, k_s, vt_s, fh_s, er_s, codes_s)
+                )
+                s = _logits(q_s, fh_b, fw_s, kt_b, er_b, ec_s, (BLOCK_Q, nk))
                 weights = jnp.exp2(s - _row_bcast(lse_v, s.shape, 0))
                 d_weights = _matmuls((BLOCK_Q, nk), [(do_s, vt_b)])
                 ds_s[...] = (weights * (d_weights - _row_bcast(delta_v, s.shape, 0))).astype(dtype)
@@ -535,12 +567,12 @@ def _backward_queries(p: Plan, stages: int, args: tuple[Array, ...], consts: tup
             plgpu.copy_smem_to_gmem(df_s, df_ref.at[g, rows])
             plgpu.wait_smem_to_gmem(0)
 
-        key_bar = _loop_barrier(5, stages)
+        key_bar = _loop_barrier(6, stages)
         pl.run_scoped(
             scoped,
             _smem((BLOCK_Q, depth), dtype),
             _smem((BLOCK_Q, p.column_codes), dtype),
-            _smem((_ROWS_K, nk), dtype),
+            _slots((_ROWS_K, nk), dtype, stages),
             _smem((p.column_codes, nk), dtype),
             _smem((BLOCK_Q, value_depth), dtype),
             _smem((BLOCK_Q,), _F32),
@@ -551,23 +583,23 @@ def _backward_queries(p: Plan, stages: int, args: tuple[Array, ...], consts: tup
             _slots((BLOCK_Q, _ROWS_K), dtype, stages),
             _slots((nk, n_codes), dtype, stages),
             _smem((BLOCK_Q, nk), dtype),
-            _smem((BLOCK_Q, depth), _F32),
-            _smem((BLOCK_Q, n_codes), _F32),
+            _smem((BLOCK_Q, depth), dtype),
+            _smem((BLOCK_Q, n_codes), dtype),
             plgpu.Barrier(num_barriers=7),
             *([] if key_bar is None else [key_bar]),
         )
 
     out_type = (
-        jax.ShapeDtypeStruct((groups, queries, depth), _F32),
-        jax.ShapeDtypeStruct((groups, queries, n_codes), _F32),
+        jax.ShapeDtypeStruct((groups, queries, depth), dtype),
+        jax.ShapeDtypeStruct((groups, queries, n_codes), dtype),
     )
     call = _kernel_call(relative_attention_dq, out_type, (groups, queries // BLOCK_Q))
     return call(q, k_t, k, v_t, fh, fw, lse, delta, d_out, e_rows, e_cols, codes)
 
 
 def _backward_keys(p: Plan, stages: int, args: tuple[Array, ...], consts: tuple[Array, ...]) -> Any:
-    """dk ``[G, keys, dk]`` and dv ``[G, keys, dv]`` (float32), one key block per program; the query
-    blocks loaded through ``stages`` slots."""
+    """dk ``[G, keys, dk]`` and dv ``[G, keys, dv]`` (float32 sums, written in q's dtype), one key
+    block per program; the query blocks loaded through ``stages`` slots."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -586,7 +618,8 @@ def _backward_keys(p: Plan, stages: int, args: tuple[Array, ...], consts: tuple[
             k_s, v_s, rt_s, ct_s, qt_s, q_s, fht_s, fwt_s, lse_s, delta_s, dot_s, do_s = bufs[:12]
             p_s, ds_s, dk_s, dv_s, bar = bufs[12:17]
             query_bar = bufs[17] if len(bufs) > 17 else None
-            _load([(k_ref.at[g, keys], k_s), (v_ref.at[g, keys], v_s), (rt_ref, rt_s), (ct_ref, ct_s)], bar)
+            fixed = [(k_ref.at[g, keys], k_s), (v_ref.at[g, keys], v_s), (ct_ref, ct_s)]
+            _load([*fixed, (rt_ref.at[_phase(p, b, nk)], rt_s)], bar)
 
             def copies(i: Array, slot: Any) -> list[tuple[Any, Any]]:
                 rows = pl.ds(i * BLOCK_Q, BLOCK_Q)
@@ -594,7 +627,7 @@ def _backward_keys(p: Plan, stages: int, args: tuple[Array, ...], consts: tuple[
                 return [
                     (qt_ref.at[g, :, rows], at(qt_s)),
                     (q_ref.at[g, rows], at(q_s)),
-                    (fht_ref.at[g, pl.ds(b * _ROWS_K, _ROWS_K), rows], at(fht_s)),
+                    (fht_ref.at[g, _window(p, b), rows], at(fht_s)),
                     (fwt_ref.at[g, :, rows], at(fwt_s)),
                     (lse_ref.at[g, rows], at(lse_s)),
                     (delta_ref.at[g, rows], at(delta_s)),
@@ -605,8 +638,8 @@ def _backward_keys(p: Plan, stages: int, args: tuple[Array, ...], consts: tuple[
             def accumulate(dk_acc: Any, dv_acc: Any) -> None:
                 step_ = functools.partial(step, dk_acc, dv_acc)
                 _pipelined_loop(stages, queries // BLOCK_Q, copies, step_, None, bar, query_bar)
-                dk_s[...] = dk_acc[...]
-                dv_s[...] = dv_acc[...]
+                dk_s[...] = dk_acc[...].astype(dtype)
+                dv_s[...] = dv_acc[...].astype(dtype)
 
             def step(dk_acc: Any, dv_acc: Any, i: Array, slot: Any, carry: None) -> None:
                 qt_i, q_i, fht_i, fwt_i, lse_i, delta_i, dot_i, do_i = (
@@ -645,15 +678,15 @@ def _backward_keys(p: Plan, stages: int, args: tuple[Array, ...], consts: tuple[
             _slots((BLOCK_Q, value_depth), dtype, stages),
             _smem((nk, BLOCK_Q), dtype),
             _smem((nk, BLOCK_Q), dtype),
-            _smem((nk, depth), _F32),
-            _smem((nk, value_depth), _F32),
+            _smem((nk, depth), dtype),
+            _smem((nk, value_depth), dtype),
             plgpu.Barrier(num_barriers=8),
             *([] if query_bar is None else [query_bar]),
         )
 
     out_type = (
-        jax.ShapeDtypeStruct((groups, p.keys, depth), _F32),
-        jax.ShapeDtypeStruct((groups, p.keys, value_depth), _F32),
+        jax.ShapeDtypeStruct((groups, p.keys, depth), dtype),
+        jax.ShapeDtypeStruct((groups, p.keys, value_depth), dtype),
     )
     call = _kernel_call(relative_attention_dkv, out_type, (groups, p.key_blocks))
     return call(q_t, q, k, v, fh_t, fw_t, lse, delta, d_out_t, d_out, rows_t, cols_t)
@@ -671,18 +704,15 @@ def _keys_padded(p: Plan, x: Array, depth: int) -> Array:
 
 
 def _factors_padded(p: Plan, fh: Array, fw: Array, dtype: Any) -> tuple[Array, Array]:
-    """The factors in the log2 domain, padding rows and columns at ``_NEG``, queries padded.
+    """The (log2-domain) factors with padding rows and columns at ``_NEG``, queries padded.
 
-    ``fh [G, T, H] -> [G, queries, key_blocks * 16]``: block b's rows at columns ``16b ..``
-    (a TMA slice at a multiple of the tile, which Mosaic's layout inference needs);
-    ``fw [G, T, W] -> [G, queries, column_codes]``.
+    ``fh [G, T, H] -> [G, queries, row_codes]`` (a key block reads the 16-column window holding its
+    rows, :func:`_window`); ``fw [G, T, W] -> [G, queries, column_codes]``.
     """
     groups, tokens = fh.shape[:2]
-    fh = _pad_to(fh * _LOG2E, (groups, tokens, p.padded_height), _NEG)
-    fh = fh.reshape(groups, tokens, p.key_blocks, p.rows)
-    fh = _pad_to(fh, (groups, tokens, p.key_blocks, _ROWS_K), _NEG).reshape(groups, tokens, -1)
-    fw = _pad_to(fw * _LOG2E, (groups, tokens, p.column_codes), _NEG)
-    padded = lambda f: _pad_to(f, (groups, p.queries, f.shape[2])).astype(dtype)
+    fh = _pad_to(fh.astype(dtype), (groups, tokens, p.row_codes), _NEG)
+    fw = _pad_to(fw.astype(dtype), (groups, tokens, p.column_codes), _NEG)
+    padded = lambda f: _pad_to(f, (groups, p.queries, f.shape[2]))
     return padded(fh), padded(fw)
 
 
@@ -692,14 +722,57 @@ def _keys_unpadded(p: Plan, x: Array, depth: int) -> Array:
     return x.reshape(x.shape[0], p.height * p.width, depth)
 
 
-def _padded_inputs(q: Array, k: Array, v: Array, fh: Array, fw: Array) -> tuple[Plan, tuple[Array, ...]]:
-    """The plan and the kernels' operands: q (log2 domain), k, v, fh, fw padded; q, k, v in q's dtype."""
-    p = plan(fh.shape[-1], fw.shape[-1])
-    groups, dtype = q.shape[0], q.dtype
-    depth, value_depth = _round_up(q.shape[-1], 16), _round_up(v.shape[-1], 16)
-    q2 = _pad_to((q * _LOG2E).astype(dtype), (groups, p.queries, depth))
+def _padded_inputs(q2: Array, k: Array, v: Array, fh2: Array, fw2: Array) -> tuple[Plan, tuple[Array, ...]]:
+    """The plan and the kernels' operands, padded and in q2's dtype, from the log2-domain ``q2``,
+    ``fh2``, ``fw2`` (:func:`_log2`) and k, v."""
+    p = plan(fh2.shape[-1], fw2.shape[-1])
+    groups, dtype = q2.shape[0], q2.dtype
+    depth, value_depth = _round_up(q2.shape[-1], 16), _round_up(v.shape[-1], 16)
+    q2 = _pad_to(q2, (groups, p.queries, depth))
     keys, values = _keys_padded(p, k.astype(dtype), depth), _keys_padded(p, v.astype(dtype), value_depth)
-    return p, (q2, keys, values, *_factors_padded(p, fh, fw, dtype))
+    return p, (q2, keys, values, *_factors_padded(p, fh2, fw2, dtype))
+
+
+def _log2(x: Array) -> Array:
+    """``x * log2 e`` in x's dtype: queries and factors for the kernels' ``exp2``."""
+    return (x * _LOG2E).astype(x.dtype)
+
+
+def _attend_log2(q2: Array, k: Array, v: Array, fh2: Array, fw2: Array) -> tuple[Array, Array]:
+    """The forward kernel on :func:`_padded_inputs`: ``out [G, T, e]`` and ``lse [G, queries]``."""
+    p, (q2_p, keys, values, fh_p, fw_p) = _padded_inputs(q2, k, v, fh2, fw2)
+    consts = _one_hots(p, q2.dtype)
+    out, lse = _forward(p, _STAGES.get(), q2_p, keys.swapaxes(1, 2), values, fh_p, fw_p, consts)
+    return out[:, : q2.shape[1], : v.shape[-1]], lse
+
+
+def _attend_log2_bwd(
+    q: Array, q2: Array, k: Array, v: Array, fh2: Array, fw2: Array, out: Array, lse: Array, d_out: Array
+) -> tuple[Array, ...]:
+    """The backward kernels: the gradients of q, k, v and of the natural-domain factors, in q2's dtype."""
+    p, (q2_p, keys, values, fh_p, fw_p) = _padded_inputs(q2, k, v, fh2, fw2)
+    groups, dtype = q2.shape[0], q2.dtype
+    delta = _pad_to(jnp.einsum("gte,gte->gt", d_out.astype(_F32), out.astype(_F32)), (groups, p.queries))
+    d_out_p = _pad_to(d_out.astype(dtype), (groups, p.queries, values.shape[-1]))
+    queries = _pad_to(q.astype(dtype), q2_p.shape)
+    consts = _one_hots(p, dtype)
+    args = (q2_p, keys.swapaxes(1, 2), keys, values.swapaxes(1, 2), fh_p, fw_p, lse, delta, d_out_p)
+    d_q, d_factors = _backward_queries(p, _STAGES.get(), args, consts)
+    t = lambda x: x.swapaxes(1, 2)
+    d_k, d_v = _backward_keys(
+        p,
+        _STAGES.get(),
+        (t(q2_p), queries, keys, values, t(fh_p), t(fw_p), lse, delta, t(d_out_p), d_out_p),
+        consts,
+    )
+    tokens = q.shape[1]
+    return (
+        d_q[:, :tokens, : q.shape[-1]],
+        _keys_unpadded(p, d_k, k.shape[-1]),
+        _keys_unpadded(p, d_v, v.shape[-1]),
+        d_factors[:, :tokens, : p.height],
+        d_factors[:, :tokens, p.row_codes : p.row_codes + p.width],
+    )
 
 
 @jax.custom_vjp
@@ -713,39 +786,13 @@ def attend(q: Array, k: Array, v: Array, fh: Array, fw: Array) -> Array:
 
 
 def _attend_fwd(q: Array, k: Array, v: Array, fh: Array, fw: Array) -> tuple[Array, tuple[Array, ...]]:
-    p, (q2, keys, values, fh_p, fw_p) = _padded_inputs(q, k, v, fh, fw)
-    out, lse = _forward(p, _STAGES.get(), q2, keys.swapaxes(1, 2), values, fh_p, fw_p, _one_hots(p, q.dtype))
-    out = out[:, : q.shape[1], : v.shape[-1]]
+    out, lse = _attend_log2(_log2(q), k, v, fh * _LOG2E, fw * _LOG2E)
     return out, (q, k, v, fh, fw, out, lse)
 
 
 def _attend_bwd(residuals: tuple[Array, ...], d_out: Array) -> tuple[Array, ...]:
     q, k, v, fh, fw, out, lse = residuals
-    p, (q2, keys, values, fh_p, fw_p) = _padded_inputs(q, k, v, fh, fw)
-    groups, dtype = q.shape[0], q.dtype
-    delta = _pad_to(jnp.einsum("gte,gte->gt", d_out.astype(_F32), out.astype(_F32)), (groups, p.queries))
-    d_out_p = _pad_to(d_out.astype(dtype), (groups, p.queries, values.shape[-1]))
-    queries = _pad_to(q.astype(dtype), q2.shape)
-    consts = _one_hots(p, dtype)
-    args = (q2, keys.swapaxes(1, 2), keys, values.swapaxes(1, 2), fh_p, fw_p, lse, delta, d_out_p)
-    d_q, d_factors = _backward_queries(p, _STAGES.get(), args, consts)
-    t = lambda x: x.swapaxes(1, 2)
-    d_k, d_v = _backward_keys(
-        p,
-        _STAGES.get(),
-        (t(q2), queries, keys, values, t(fh_p), t(fw_p), lse, delta, t(d_out_p), d_out_p),
-        consts,
-    )
-    tokens = q.shape[1]
-    d_fh = d_factors[:, :tokens, : p.height]
-    d_fw = d_factors[:, :tokens, p.row_codes : p.row_codes + p.width]
-    grads = (
-        d_q[:, :tokens, : q.shape[-1]],
-        _keys_unpadded(p, d_k, k.shape[-1]),
-        _keys_unpadded(p, d_v, v.shape[-1]),
-        d_fh,
-        d_fw,
-    )
+    grads = _attend_log2_bwd(q, _log2(q), k, v, fh * _LOG2E, fw * _LOG2E, out, lse, d_out)
     return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v, fh, fw), strict=True))
 
 
@@ -753,26 +800,84 @@ attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def factors(q: Array, table_h: Array | None, table_w: Array | None) -> tuple[Array, Array]:
-    """``fh [B, N, H, W, H]`` and ``fw [B, N, H, W, W]`` (float32) of scaled ``q [B, H, W, N, d]``.
+    """``fh [B, N, H, W, H]`` and ``fw [B, N, H, W, W]`` of scaled ``q [B, H, W, N, d]``: float32
+    sums, in q's dtype.
 
     ``table_h``, ``table_w`` are the absolute tables, or both None (zeros: content-only attention).
     """
     queries = jnp.moveaxis(q, 3, 1)  # B, N, H, W, d
     if table_h is None or table_w is None:
         batch, heads, height, width = queries.shape[:4]
-        return jnp.zeros((batch, heads, height, width, height), _F32), jnp.zeros(
-            (batch, heads, height, width, width), _F32
+        return jnp.zeros((batch, heads, height, width, height), q.dtype), jnp.zeros(
+            (batch, heads, height, width, width), q.dtype
         )
-    return heads_first_logit_factors(queries, table_h, table_w)
+    return heads_first_logit_factors(queries, table_h, table_w, q.dtype)
 
 
-def relative_attention(q: Array, k: Array, v: Array, fh: Array, fw: Array) -> Array:
-    """:func:`attend` of scaled ``q, k [B, H, W, N, d]``, ``v [B, H, W, N, e]`` and :func:`factors`.
+def relative_attention(q: Array, k: Array, v: Array, table_h: Array | None, table_w: Array | None) -> Array:
+    """Relative self-attention of scaled ``q, k [B, H, W, N, d]`` and ``v [B, H, W, N, e]`` with the
+    absolute tables ``table_h``, ``table_w`` (or both None: content-only); heads first,
+    ``[B, N, H, W, e]`` in q's dtype. Differentiable in all five.
 
-    Returns ``[B, N, H, W, e]`` (heads first) in q's dtype.
+    The factors are computed from ``q * log2 e`` in q's dtype (one rounding, as the kernels take
+    them), and the backward recomputes them (two small einsums) instead of keeping them from the
+    forward: they hold ``H + W`` values per query and head, several times q's ``d``.
     """
+    return _relative_attention(q, k, v, table_h, table_w)
+
+
+def _flat(x: Array) -> Array:
+    """``[B, H, W, N, d] -> [B * N, H * W, d]`` (heads first)."""
+    batch, height, width, heads, depth = x.shape
+    return jnp.moveaxis(x, 3, 1).reshape(batch * heads, height * width, depth)
+
+
+def _flat_heads_first(x: Array) -> Array:
+    """``[B, N, H, W, n] -> [B * N, H * W, n]``."""
+    return x.reshape(x.shape[0] * x.shape[1], x.shape[2] * x.shape[3], x.shape[4])
+
+
+@jax.custom_vjp
+def _relative_attention(q: Array, k: Array, v: Array, table_h: Array | None, table_w: Array | None) -> Array:
+    return _relative_attention_fwd(q, k, v, table_h, table_w)[0]
+
+
+def _log2_inputs(
+    q: Array, k: Array, v: Array, table_h: Array | None, table_w: Array | None
+) -> tuple[Array, ...]:
+    """:func:`_attend_log2`'s inputs ``q2, k, v, fh2, fw2`` ``[G, T, .]``: q and the factors times log2 e."""
+    q2 = _log2(q)
+    fh2, fw2 = factors(q2, table_h, table_w)
+    return (*map(_flat, (q2, k, v)), *map(_flat_heads_first, (fh2, fw2)))
+
+
+def _relative_attention_fwd(
+    q: Array, k: Array, v: Array, table_h: Array | None, table_w: Array | None
+) -> tuple[Array, tuple[Any, ...]]:
     batch, height, width, heads, _ = q.shape
-    tokens = height * width
-    flat = lambda x: jnp.moveaxis(x, 3, 1).reshape(batch * heads, tokens, x.shape[-1])  # G, T, d
-    out = attend(flat(q), flat(k), flat(v), *(f.reshape(batch * heads, tokens, -1) for f in (fh, fw)))
-    return out.reshape(batch, heads, height, width, -1)
+    out, lse = _attend_log2(*_log2_inputs(q, k, v, table_h, table_w))
+    out = out.reshape(batch, heads, height, width, -1)
+    return out, (q, k, v, table_h, table_w, out, lse)
+
+
+def _relative_attention_bwd(residuals: tuple[Any, ...], d_out: Array) -> tuple[Any, ...]:
+    q, k, v, table_h, table_w, out, lse = residuals
+    inputs = _log2_inputs(q, k, v, table_h, table_w)
+    flat_out, flat_d_out = _flat_heads_first(out), _flat_heads_first(d_out)
+    d_q, d_k, d_v, d_fh, d_fw = _attend_log2_bwd(_flat(q), *inputs, flat_out, lse, flat_d_out)
+    (fh, fw), factors_vjp = jax.vjp(factors, q, table_h, table_w)  # linear: only its transpose is run
+    d_q_factors, d_table_h, d_table_w = factors_vjp((d_fh.reshape(fh.shape), d_fw.reshape(fw.shape)))
+    unflat = lambda x, like: jnp.moveaxis(
+        x.reshape(*like.shape[:1], like.shape[3], *like.shape[1:3], -1), 1, 3
+    )
+    d_q = unflat(d_q, q) + d_q_factors
+    return (
+        d_q.astype(q.dtype),
+        unflat(d_k, k).astype(k.dtype),
+        unflat(d_v, v).astype(v.dtype),
+        d_table_h,
+        d_table_w,
+    )
+
+
+_relative_attention.defvjp(_relative_attention_fwd, _relative_attention_bwd)
