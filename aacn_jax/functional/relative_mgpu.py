@@ -861,7 +861,9 @@ def _relative_attention_fwd(
 
 
 def _relative_attention_bwd(residuals: tuple[Any, ...], d_out: Array) -> tuple[Any, ...]:
-    q, k, v, table_h, table_w, out, lse = residuals
+    # The barrier keeps XLA from merging what follows with the forward's same padding and transposes,
+    # which would keep those alive from the forward to here (in a model: every layer's at once).
+    q, k, v, table_h, table_w, out, lse = lax.optimization_barrier(residuals)
     inputs = _log2_inputs(q, k, v, table_h, table_w)
     flat_out, flat_d_out = _flat_heads_first(out), _flat_heads_first(d_out)
     d_q, d_k, d_v, d_fh, d_fw = _attend_log2_bwd(_flat(q), *inputs, flat_out, lse, flat_d_out)
