@@ -844,11 +844,11 @@ def _relative_attention(q: Array, k: Array, v: Array, table_h: Array | None, tab
 
 def _log2_inputs(
     q: Array, k: Array, v: Array, table_h: Array | None, table_w: Array | None
-) -> tuple[Array, ...]:
+) -> tuple[Array, Array, Array, Array, Array]:
     """:func:`_attend_log2`'s inputs ``q2, k, v, fh2, fw2`` ``[G, T, .]``: q and the factors times log2 e."""
     q2 = _log2(q)
     fh2, fw2 = factors(q2, table_h, table_w)
-    return (*map(_flat, (q2, k, v)), *map(_flat_heads_first, (fh2, fw2)))
+    return _flat(q2), _flat(k), _flat(v), _flat_heads_first(fh2), _flat_heads_first(fw2)
 
 
 def _relative_attention_fwd(
