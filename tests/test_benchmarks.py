@@ -195,3 +195,61 @@ def test_tpu_rows_of_a_later_run_replace_those_of_their_recipe_and_topology():
         ("a", "v4:2x2x1", 0),
         ("c", "v5e:1x1", 2),
     ]
+
+
+def test_gpu_compile_reads_ptxas_reports_written_below_python():
+    """What ptxas prints while XLA compiles a Mosaic GPU kernel (these lines as it wrote them for the
+    forward kernel deviceless, JAX 0.12) reaches file descriptor 1 from C++, past ``sys.stdout``;
+    ``process_stdout`` collects it and ``ptxas_report`` reads each kernel's registers and spills."""
+    import os
+
+    from benchmarks import gpu_compile
+
+    report = [
+        "ptxas info    : Compiling entry function 'relative_attention_fwd_mosaic_gpu_kernel' for 'sm_90a'",
+        "ptxas info    : Function properties for relative_attention_fwd_mosaic_gpu_kernel",
+        "    0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads",
+        "ptxas info    : Used 77 registers, used 2 barriers, 1 bytes smem",
+        "ptxas info    : Compiling entry function 'relative_attention_dq_mosaic_gpu_kernel' for 'sm_90a'",
+        "ptxas info    : Used 138 registers, used 2 barriers, 1 bytes smem",
+    ]
+    with gpu_compile.process_stdout() as lines:
+        os.write(1, ("\n".join(report) + "\n").encode())
+    assert lines == report
+    assert gpu_compile.ptxas_report(lines) == {
+        "relative_attention_fwd": {"registers": 77, "spill_bytes": 12},
+        "relative_attention_dq": {"registers": 138},
+    }
+
+
+def test_gpu_compile_tables_set_mgpu_against_cudnn_and_each_model_against_its_twin():
+    """The docs' tables from a results file: attention temporaries with mgpu's ratio to plain cuDNN,
+    the kernels' registers, spills or shared-memory refusal per setting, the steps against twins."""
+    from benchmarks import gpu_compile
+
+    shape = {"name": "s_8x8"}
+    attention_rows = [
+        {"shape": shape, "implementation": name, "temp_bytes": mib * 2**20, "memory_ratio": mib / 4}
+        for name, mib in (("plain_cudnn", 4), ("fused", 9), ("mgpu", 6))
+    ]
+    kernels = {
+        f"relative_attention_{k}": {"registers": r, "spill_bytes": b}
+        for k, r, b in (("fwd", 70, 0), ("dq", 255, 8), ("dkv", 200, 4))
+    }
+    knobs = [
+        {"shape": "s_8x8", "key_block": 64, "stages": 1, "kernels": kernels},
+        {
+            "shape": "s_8x8",
+            "key_block": 64,
+            "stages": 2,
+            "error": "ValueError: exceeds available shared memory",
+        },
+    ]
+    models = [
+        {"model": "wrn28_10", "attention_implementation": None, "batch": 8, "temp_bytes": 2**30},
+        {"model": "aa_wrn28_10", "attention_implementation": "mgpu", "batch": 8, "temp_bytes": 3 * 2**30},
+    ]
+    text = gpu_compile.table({"attention": attention_rows, "mgpu_knobs": knobs, "models": models})
+    assert "| s_8x8 | 4 | 9 | 6 | 1.5x |" in text
+    assert "| s_8x8 | 70/255/200, spills 12 B | over shared memory |" in text
+    assert "| aa_wrn28_10 | mgpu | 8 | 3.00 | 3.00 |" in text and "| wrn28_10 |  | 8 | 1.00 |  |" in text
