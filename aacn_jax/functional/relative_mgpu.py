@@ -791,7 +791,7 @@ def _attend_fwd(q: Array, k: Array, v: Array, fh: Array, fw: Array) -> tuple[Arr
 
 
 def _attend_bwd(residuals: tuple[Array, ...], d_out: Array) -> tuple[Array, ...]:
-    q, k, v, fh, fw, out, lse = residuals
+    q, k, v, fh, fw, out, lse = lax.optimization_barrier(residuals)  # see _relative_attention_bwd
     grads = _attend_log2_bwd(q, _log2(q), k, v, fh * _LOG2E, fw * _LOG2E, out, lse, d_out)
     return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v, fh, fw), strict=True))
 
