@@ -103,6 +103,11 @@ QUICK_SHAPES = (
 )
 
 
+def training_shape(shape: Shape) -> Shape:
+    """A paper shape at its network's training batch (:data:`TRAINING_BATCH`)."""
+    return dataclasses.replace(shape, batch=TRAINING_BATCH[shape.name.split("_")[0]])
+
+
 IMPLEMENTATIONS = {
     "plain": lambda q, k, v, rel_h, rel_w: F.self_attention_2d(q, k, v),
     "plain_flash": lambda q, k, v, rel_h, rel_w: F.self_attention_2d(q, k, v, implementation="fused"),
@@ -306,7 +311,7 @@ def main(argv=None) -> None:
         QUICK_SHAPES if args.quick else [s for s in PAPER_SHAPES if not args.shapes or s.name in args.shapes]
     )
     if args.training_batch:
-        shapes = [dataclasses.replace(s, batch=TRAINING_BATCH[s.name.split("_")[0]]) for s in shapes]
+        shapes = [training_shape(s) for s in shapes]
     dtype = jnp.dtype(args.dtype)
     stages = tuple(dict.fromkeys(args.mgpu_stages))
     # A full run's sweep checks each of mgpu's settings before timing it, shape by shape, and goes on

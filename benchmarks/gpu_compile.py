@@ -42,7 +42,7 @@ from aacn_jax import models
 from aacn_jax.functional.fused import cudnn_attention
 from benchmarks import attention as attention_benchmark
 from benchmarks import measure
-from benchmarks.attention import PAPER_SHAPES, TRAINING_BATCH, Shape, mgpu_knobs
+from benchmarks.attention import PAPER_SHAPES, Shape, mgpu_knobs, training_shape
 from benchmarks.models import TRAINING_PAIRS, train_step_fn
 
 RESULTS = measure.RESULTS / "compile-gpu.json"
@@ -263,7 +263,7 @@ def main(argv=None) -> None:
     results: dict = {"machine": measure.machine_info(), "target": "NVIDIA H100 80GB HBM3 (deviceless)"}
     results["attention"], results["mgpu_knobs"] = [], []
     for shape in PAPER_SHAPES:
-        shape = dataclasses.replace(shape, batch=TRAINING_BATCH[shape.name.split("_")[0]])
+        shape = training_shape(shape)
         for row in knob_rows(mesh, shape):
             found = row.get("error") or row["kernels"]
             print(
