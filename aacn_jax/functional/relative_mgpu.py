@@ -25,10 +25,13 @@ computed by XLA outside the kernels): ``fh [G, T, H]`` (one value per key row) a
 - Each kernel's loop loads its blocks by TMA, synchronously or pipelined through ``stages``
   shared-memory slots (:func:`tuning`, :func:`_pipelined_loop`); ``key_block`` sets the block size.
 
-Every operand goes through shared memory (no register-held wgmma operand, no transposed view):
-that is what Mosaic GPU's interpreter (tests on a CPU, :func:`interpret`) runs. On a GPU the
-kernels take bfloat16/float16 (B operands N-major, which wgmma allows only for 16-bit types);
-float32 runs in the interpreter only; the GPU route sends it to fold + Triton (``"fused"``).
+Every operand goes through shared memory (no register-held wgmma operand): that is what Mosaic
+GPU's interpreter (tests on a CPU, :func:`interpret`) runs. Each array is stored once as XLA has it;
+an operand needed transposed (k in ``q . k``, the key-parallel backward's q and factors, v and dO
+in ``dO . v``) is read through a transposed view (:func:`_t`), which the interpreter applies from
+JAX 0.11 on (:func:`available`). On a GPU the kernels take bfloat16/float16 (the other B operands
+are N-major, which wgmma allows only for 16-bit types); float32 runs in the interpreter only; the
+GPU route sends it to fold + Triton (``"fused"``).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ BLOCK_Q = 64  # queries per program and per step of the key-parallel loop (one w
 _ROWS_K = 16  # columns of the fh window a key block reads (16-aligned, holding its rows; wgmma's K)
 _NEG = -1e30  # the factor of a padding row or column: exp2(_NEG - max) == 0
 _LOG2E = math.log2(math.e)
+_LN2 = math.log(2)  # 1 / _LOG2E
 _F32 = jnp.float32
 _MAX_KEY_BLOCK = 256  # keys per block at most, else each row is padded to 64 (one row per block)
 _GPU_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -71,17 +75,23 @@ _KEY_BLOCK = contextvars.ContextVar("key_block", default=64)  # the tuning knobs
 DEFAULT_STAGES = 1  # synchronous loads, see tuning()
 _STAGES = contextvars.ContextVar("stages", default=DEFAULT_STAGES)
 MAX_STAGES = 4  # shared-memory slots per loop operand at most (tuning(stages=...))
+_MIN_JAX = (0, 11)  # see available()
 Array = jax.Array
 
 
 def available() -> bool:
-    """Whether this JAX has what the kernels use: ``plgpu.kernel`` with warpgroup semantics."""
+    """Whether this JAX has what the kernels use: ``plgpu.kernel`` with warpgroup semantics and
+    transposed shared-memory views, from JAX 0.11 on (the first whose Mosaic GPU interpreter applies
+    the views, so that the kernels as they run on a GPU are the ones tested on a CPU)."""
     try:
         from jax.experimental.pallas import mosaic_gpu as plgpu
     except ImportError:
         return False
-    return all(hasattr(plgpu, name) for name in ("kernel", "wgmma", "ACC", "LoweringSemantics")) and hasattr(
-        plgpu.LoweringSemantics, "Warpgroup"
+    names = ("kernel", "wgmma", "ACC", "LoweringSemantics", "transpose_ref")
+    return (
+        jax.__version_info__ >= _MIN_JAX
+        and all(hasattr(plgpu, name) for name in names)
+        and hasattr(plgpu.LoweringSemantics, "Warpgroup")
     )
 
 
@@ -364,6 +374,13 @@ def _row_bcast(x: Array, shape: tuple[int, ...], axis: int) -> Array:
     return lax.broadcast_in_dim(x, shape, (axis,))
 
 
+def _t(ref: Any) -> Any:
+    """A 2-D shared-memory operand read transposed (a view: wgmma takes it K-major, nothing moves)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.transpose_ref(ref, (1, 0))
+
+
 def _window(p: Plan, b: Any) -> Any:
     """The 16 columns of ``fh`` (rows of ``fh_t``) that hold key block b's rows: a multiple of the
     tile, as Mosaic's TMA slices need."""
@@ -380,7 +397,7 @@ def _phase(p: Plan, b: Any, size: int) -> Any:
 
 
 def _forward(
-    p: Plan, stages: int, q: Array, k_t: Array, v: Array, fh: Array, fw: Array, consts: tuple[Array, ...]
+    p: Plan, stages: int, q: Array, k: Array, v: Array, fh: Array, fw: Array, consts: tuple[Array, ...]
 ) -> Any:
     """``out [G, Tq, dv]`` (q's dtype) and ``lse [G, Tq]`` (float32, log2 domain) of padded inputs;
     the key blocks loaded through ``stages`` slots (:func:`_pipelined_loop`)."""
@@ -424,7 +441,7 @@ def _forward(
             def copies(b: Array, slot: Any) -> list[tuple[Any, Any]]:
                 keys = pl.ds(b * nk, nk)
                 return [
-                    (k_ref.at[g, :, keys], _slot(k_s, slot)),
+                    (k_ref.at[g, keys], _slot(k_s, slot)),
                     (v_ref.at[g, keys], _slot(v_s, slot)),
                     (fh_ref.at[g, rows, _window(p, b)], _slot(fh_s, slot)),
                     (er_ref.at[_phase(p, b, _ROWS_K)], _slot(er_s, slot)),
@@ -433,7 +450,7 @@ def _forward(
             def step(b: Array, slot: Any, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
                 peak, total, acc = carry
                 k_b, v_b, fh_b, er_b = (_slot(x, slot) for x in (k_s, v_s, fh_s, er_s))
-                s = _matmuls((BLOCK_Q, nk), [(q_s, k_b), (fh_b, er_b), (fw_s, ec_s)])
+                s = _matmuls((BLOCK_Q, nk), [(q_s, _t(k_b)), (fh_b, er_b), (fw_s, ec_s)])
                 new_peak = jnp.maximum(peak, jnp.max(s, axis=1))
                 alpha = jnp.exp2(peak - new_peak)
                 weights = jnp.exp2(s - _row_bcast(new_peak, s.shape, 0))
@@ -463,7 +480,7 @@ def _forward(
             _smem((BLOCK_Q, p.column_codes), dtype),
             _slots((_ROWS_K, nk), dtype, stages),
             _smem((p.column_codes, nk), dtype),
-            _slots((depth, nk), dtype, stages),
+            _slots((nk, depth), dtype, stages),
             _slots((nk, value_depth), dtype, stages),
             _slots((BLOCK_Q, _ROWS_K), dtype, stages),
             _smem((BLOCK_Q, nk), dtype),
@@ -478,7 +495,7 @@ def _forward(
         jax.ShapeDtypeStruct((groups, queries), _F32),
     )
     call = _kernel_call(relative_attention_fwd, out_type, (groups, queries // BLOCK_Q))
-    return call(q, k_t, v, fh, fw, e_rows, e_cols)
+    return call(q, k, v, fh, fw, e_rows, e_cols)
 
 
 def _logits(
@@ -494,34 +511,21 @@ def _backward_queries(p: Plan, stages: int, args: tuple[Array, ...], consts: tup
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    q, k_t, k, v_t, fh, fw, lse, delta, d_out = args
+    q, k, v, fh, fw, lse, delta, d_out = args
     e_rows, e_cols, _, _, codes = consts
     groups, queries, depth = q.shape
     value_depth, dtype, nk, n_codes = d_out.shape[-1], q.dtype, p.key_block, codes.shape[-1]
 
     def relative_attention_dq(*refs: Any) -> None:
-        (
-            q_ref,
-            kt_ref,
-            k_ref,
-            vt_ref,
-            fh_ref,
-            fw_ref,
-            lse_ref,
-            delta_ref,
-            do_ref,
-            er_ref,
-            ec_ref,
-            codes_ref,
-        ) = refs[:12]
-        dq_ref, df_ref = refs[12:]
+        q_ref, k_ref, v_ref, fh_ref, fw_ref, lse_ref, delta_ref, do_ref, er_ref, ec_ref, codes_ref = refs[:11]
+        dq_ref, df_ref = refs[11:]
         g, qi = lax.axis_index("g"), lax.axis_index("i")
         rows = pl.ds(qi * BLOCK_Q, BLOCK_Q)
 
         def scoped(*bufs: Any) -> None:
-            q_s, fw_s, er_s, ec_s, do_s, lse_s, delta_s, kt_s, k_s, vt_s, fh_s, codes_s, ds_s = bufs[:13]
-            dq_s, df_s, bar = bufs[13:16]
-            key_bar = bufs[16] if len(bufs) > 16 else None
+            q_s, fw_s, er_s, ec_s, do_s, lse_s, delta_s, k_s, v_s, fh_s, codes_s, ds_s = bufs[:12]
+            dq_s, df_s, bar = bufs[12:15]
+            key_bar = bufs[15] if len(bufs) > 15 else None
             fixed = [(q_ref.at[g, rows], q_s), (fw_ref.at[g, rows], fw_s), (ec_ref, ec_s)]
             fixed += [
                 (do_ref.at[g, rows], do_s),
@@ -534,9 +538,8 @@ def _backward_queries(p: Plan, stages: int, args: tuple[Array, ...], consts: tup
             def copies(b: Array, slot: Any) -> list[tuple[Any, Any]]:
                 keys = pl.ds(b * nk, nk)
                 return [
-                    (kt_ref.at[g, :, keys], _slot(kt_s, slot)),
                     (k_ref.at[g, keys], _slot(k_s, slot)),
-                    (vt_ref.at[g, :, keys], _slot(vt_s, slot)),
+                    (v_ref.at[g, keys], _slot(v_s, slot)),
                     (fh_ref.at[g, rows, _window(p, b)], _slot(fh_s, slot)),
                     (er_ref.at[_phase(p, b, _ROWS_K)], _slot(er_s, slot)),
                     (codes_ref.at[keys], _slot(codes_s, slot)),
@@ -549,12 +552,10 @@ def _backward_queries(p: Plan, stages: int, args: tuple[Array, ...], consts: tup
                 df_s[...] = df_acc[...].astype(dtype)
 
             def step(dq_acc: Any, df_acc: Any, b: Array, slot: Any, carry: None) -> None:
-                kt_b, k_b, vt_b, fh_b, er_b, codes_b = (
-                    _slot(x, slot) for x in (kt_s, k_s, vt_s, fh_s, er_s, codes_s)
-                )
-                s = _logits(q_s, fh_b, fw_s, kt_b, er_b, ec_s, (BLOCK_Q, nk))
+                k_b, v_b, fh_b, er_b, codes_b = (_slot(x, slot) for x in (k_s, v_s, fh_s, er_s, codes_s))
+                s = _logits(q_s, fh_b, fw_s, _t(k_b), er_b, ec_s, (BLOCK_Q, nk))
                 weights = jnp.exp2(s - _row_bcast(lse_v, s.shape, 0))
-                d_weights = _matmuls((BLOCK_Q, nk), [(do_s, vt_b)])
+                d_weights = _matmuls((BLOCK_Q, nk), [(do_s, _t(v_b))])
                 ds_s[...] = (weights * (d_weights - _row_bcast(delta_v, s.shape, 0))).astype(dtype)
                 plgpu.commit_smem()
                 plgpu.wgmma(dq_acc, ds_s, k_b)
@@ -567,7 +568,7 @@ def _backward_queries(p: Plan, stages: int, args: tuple[Array, ...], consts: tup
             plgpu.copy_smem_to_gmem(df_s, df_ref.at[g, rows])
             plgpu.wait_smem_to_gmem(0)
 
-        key_bar = _loop_barrier(6, stages)
+        key_bar = _loop_barrier(5, stages)
         pl.run_scoped(
             scoped,
             _smem((BLOCK_Q, depth), dtype),
@@ -577,15 +578,14 @@ def _backward_queries(p: Plan, stages: int, args: tuple[Array, ...], consts: tup
             _smem((BLOCK_Q, value_depth), dtype),
             _smem((BLOCK_Q,), _F32),
             _smem((BLOCK_Q,), _F32),
-            _slots((depth, nk), dtype, stages),
             _slots((nk, depth), dtype, stages),
-            _slots((value_depth, nk), dtype, stages),
+            _slots((nk, value_depth), dtype, stages),
             _slots((BLOCK_Q, _ROWS_K), dtype, stages),
             _slots((nk, n_codes), dtype, stages),
             _smem((BLOCK_Q, nk), dtype),
             _smem((BLOCK_Q, depth), dtype),
             _smem((BLOCK_Q, n_codes), dtype),
-            plgpu.Barrier(num_barriers=7),
+            plgpu.Barrier(num_barriers=6),
             *([] if key_bar is None else [key_bar]),
         )
 
@@ -594,30 +594,31 @@ def _backward_queries(p: Plan, stages: int, args: tuple[Array, ...], consts: tup
         jax.ShapeDtypeStruct((groups, queries, n_codes), dtype),
     )
     call = _kernel_call(relative_attention_dq, out_type, (groups, queries // BLOCK_Q))
-    return call(q, k_t, k, v_t, fh, fw, lse, delta, d_out, e_rows, e_cols, codes)
+    return call(q, k, v, fh, fw, lse, delta, d_out, e_rows, e_cols, codes)
 
 
 def _backward_keys(p: Plan, stages: int, args: tuple[Array, ...], consts: tuple[Array, ...]) -> Any:
     """dk ``[G, keys, dk]`` and dv ``[G, keys, dv]`` (float32 sums, written in q's dtype), one key
-    block per program; the query blocks loaded through ``stages`` slots."""
+    block per program; the query blocks loaded through ``stages`` slots. ``args`` are
+    :func:`_backward_queries`'; dk is ``dS^T . q2 * ln 2`` (q2 = q log2 e: no second copy of q)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    q_t, q, k, v, fh_t, fw_t, lse, delta, d_out_t, d_out = args
+    q2, k, v, fh, fw, lse, delta, d_out = args
     _, _, rows_t, cols_t, _ = consts
-    groups, depth, queries = q_t.shape
-    value_depth, dtype, nk = v.shape[-1], q.dtype, p.key_block
+    groups, queries, depth = q2.shape
+    value_depth, dtype, nk = v.shape[-1], q2.dtype, p.key_block
 
     def relative_attention_dkv(*refs: Any) -> None:
-        qt_ref, q_ref, k_ref, v_ref, fht_ref, fwt_ref, lse_ref, delta_ref, dot_ref, do_ref = refs[:10]
-        rt_ref, ct_ref, dk_ref, dv_ref = refs[10:]
+        q2_ref, k_ref, v_ref, fh_ref, fw_ref, lse_ref, delta_ref, do_ref = refs[:8]
+        rt_ref, ct_ref, dk_ref, dv_ref = refs[8:]
         g, b = lax.axis_index("g"), lax.axis_index("i")
         keys = pl.ds(b * nk, nk)
 
         def scoped(*bufs: Any) -> None:
-            k_s, v_s, rt_s, ct_s, qt_s, q_s, fht_s, fwt_s, lse_s, delta_s, dot_s, do_s = bufs[:12]
-            p_s, ds_s, dk_s, dv_s, bar = bufs[12:17]
-            query_bar = bufs[17] if len(bufs) > 17 else None
+            k_s, v_s, rt_s, ct_s, q2_s, fh_s, fw_s, lse_s, delta_s, do_s = bufs[:10]
+            p_s, ds_s, dk_s, dv_s, bar = bufs[10:15]
+            query_bar = bufs[15] if len(bufs) > 15 else None
             fixed = [(k_ref.at[g, keys], k_s), (v_ref.at[g, keys], v_s), (ct_ref, ct_s)]
             _load([*fixed, (rt_ref.at[_phase(p, b, nk)], rt_s)], bar)
 
@@ -625,34 +626,32 @@ def _backward_keys(p: Plan, stages: int, args: tuple[Array, ...], consts: tuple[
                 rows = pl.ds(i * BLOCK_Q, BLOCK_Q)
                 at = functools.partial(_slot, slot=slot)
                 return [
-                    (qt_ref.at[g, :, rows], at(qt_s)),
-                    (q_ref.at[g, rows], at(q_s)),
-                    (fht_ref.at[g, _window(p, b), rows], at(fht_s)),
-                    (fwt_ref.at[g, :, rows], at(fwt_s)),
+                    (q2_ref.at[g, rows], at(q2_s)),
+                    (fh_ref.at[g, rows, _window(p, b)], at(fh_s)),
+                    (fw_ref.at[g, rows], at(fw_s)),
                     (lse_ref.at[g, rows], at(lse_s)),
                     (delta_ref.at[g, rows], at(delta_s)),
-                    (dot_ref.at[g, :, rows], at(dot_s)),
                     (do_ref.at[g, rows], at(do_s)),
                 ]
 
             def accumulate(dk_acc: Any, dv_acc: Any) -> None:
                 step_ = functools.partial(step, dk_acc, dv_acc)
                 _pipelined_loop(stages, queries // BLOCK_Q, copies, step_, None, bar, query_bar)
-                dk_s[...] = dk_acc[...].astype(dtype)
+                dk_s[...] = (dk_acc[...] * _LN2).astype(dtype)
                 dv_s[...] = dv_acc[...].astype(dtype)
 
             def step(dk_acc: Any, dv_acc: Any, i: Array, slot: Any, carry: None) -> None:
-                qt_i, q_i, fht_i, fwt_i, lse_i, delta_i, dot_i, do_i = (
-                    _slot(x, slot) for x in (qt_s, q_s, fht_s, fwt_s, lse_s, delta_s, dot_s, do_s)
+                q2_i, fh_i, fw_i, lse_i, delta_i, do_i = (
+                    _slot(x, slot) for x in (q2_s, fh_s, fw_s, lse_s, delta_s, do_s)
                 )
-                s_t = _logits(k_s, rt_s, ct_s, qt_i, fht_i, fwt_i, (nk, BLOCK_Q))
+                s_t = _logits(k_s, rt_s, ct_s, _t(q2_i), _t(fh_i), _t(fw_i), (nk, BLOCK_Q))
                 weights_t = jnp.exp2(s_t - _row_bcast(lse_i[...], s_t.shape, 1))
-                d_weights_t = _matmuls((nk, BLOCK_Q), [(v_s, dot_i)])
+                d_weights_t = _matmuls((nk, BLOCK_Q), [(v_s, _t(do_i))])
                 p_s[...] = weights_t.astype(dtype)
                 ds_s[...] = (weights_t * (d_weights_t - _row_bcast(delta_i[...], s_t.shape, 1))).astype(dtype)
                 plgpu.commit_smem()
                 plgpu.wgmma(dv_acc, p_s, do_i)
-                plgpu.wgmma(dk_acc, ds_s, q_i)
+                plgpu.wgmma(dk_acc, ds_s, q2_i)
                 plgpu.wgmma_wait(0)
 
             pl.run_scoped(accumulate, plgpu.ACC((nk, depth), _F32), plgpu.ACC((nk, value_depth), _F32))
@@ -661,26 +660,24 @@ def _backward_keys(p: Plan, stages: int, args: tuple[Array, ...], consts: tuple[
             plgpu.copy_smem_to_gmem(dv_s, dv_ref.at[g, keys])
             plgpu.wait_smem_to_gmem(0)
 
-        query_bar = _loop_barrier(8, stages)
+        query_bar = _loop_barrier(6, stages)
         pl.run_scoped(
             scoped,
             _smem((nk, depth), dtype),
             _smem((nk, value_depth), dtype),
             _smem((nk, _ROWS_K), dtype),
             _smem((nk, p.column_codes), dtype),
-            _slots((depth, BLOCK_Q), dtype, stages),
             _slots((BLOCK_Q, depth), dtype, stages),
-            _slots((_ROWS_K, BLOCK_Q), dtype, stages),
-            _slots((p.column_codes, BLOCK_Q), dtype, stages),
+            _slots((BLOCK_Q, _ROWS_K), dtype, stages),
+            _slots((BLOCK_Q, p.column_codes), dtype, stages),
             _slots((BLOCK_Q,), _F32, stages),
             _slots((BLOCK_Q,), _F32, stages),
-            _slots((value_depth, BLOCK_Q), dtype, stages),
             _slots((BLOCK_Q, value_depth), dtype, stages),
             _smem((nk, BLOCK_Q), dtype),
             _smem((nk, BLOCK_Q), dtype),
             _smem((nk, depth), dtype),
             _smem((nk, value_depth), dtype),
-            plgpu.Barrier(num_barriers=8),
+            plgpu.Barrier(num_barriers=6),
             *([] if query_bar is None else [query_bar]),
         )
 
@@ -689,7 +686,7 @@ def _backward_keys(p: Plan, stages: int, args: tuple[Array, ...], consts: tuple[
         jax.ShapeDtypeStruct((groups, p.keys, value_depth), dtype),
     )
     call = _kernel_call(relative_attention_dkv, out_type, (groups, p.key_blocks))
-    return call(q_t, q, k, v, fh_t, fw_t, lse, delta, d_out_t, d_out, rows_t, cols_t)
+    return call(q2, k, v, fh, fw, lse, delta, d_out, rows_t, cols_t)
 
 
 def _pad_to(x: Array, shape: tuple[int, ...], value: float = 0.0) -> Array:
@@ -742,32 +739,26 @@ def _attend_log2(q2: Array, k: Array, v: Array, fh2: Array, fw2: Array) -> tuple
     """The forward kernel on :func:`_padded_inputs`: ``out [G, T, e]`` and ``lse [G, queries]``."""
     p, (q2_p, keys, values, fh_p, fw_p) = _padded_inputs(q2, k, v, fh2, fw2)
     consts = _one_hots(p, q2.dtype)
-    out, lse = _forward(p, _STAGES.get(), q2_p, keys.swapaxes(1, 2), values, fh_p, fw_p, consts)
+    out, lse = _forward(p, _STAGES.get(), q2_p, keys, values, fh_p, fw_p, consts)
     return out[:, : q2.shape[1], : v.shape[-1]], lse
 
 
 def _attend_log2_bwd(
-    q: Array, q2: Array, k: Array, v: Array, fh2: Array, fw2: Array, out: Array, lse: Array, d_out: Array
+    q2: Array, k: Array, v: Array, fh2: Array, fw2: Array, out: Array, lse: Array, d_out: Array
 ) -> tuple[Array, ...]:
-    """The backward kernels: the gradients of q, k, v and of the natural-domain factors, in q2's dtype."""
+    """The backward kernels: the gradients of q, k, v and of the natural-domain factors (not of the
+    log2-domain ``q2``, ``fh2``, ``fw2``), in q2's dtype."""
     p, (q2_p, keys, values, fh_p, fw_p) = _padded_inputs(q2, k, v, fh2, fw2)
     groups, dtype = q2.shape[0], q2.dtype
     delta = _pad_to(jnp.einsum("gte,gte->gt", d_out.astype(_F32), out.astype(_F32)), (groups, p.queries))
     d_out_p = _pad_to(d_out.astype(dtype), (groups, p.queries, values.shape[-1]))
-    queries = _pad_to(q.astype(dtype), q2_p.shape)
     consts = _one_hots(p, dtype)
-    args = (q2_p, keys.swapaxes(1, 2), keys, values.swapaxes(1, 2), fh_p, fw_p, lse, delta, d_out_p)
+    args = (q2_p, keys, values, fh_p, fw_p, lse, delta, d_out_p)
     d_q, d_factors = _backward_queries(p, _STAGES.get(), args, consts)
-    t = lambda x: x.swapaxes(1, 2)
-    d_k, d_v = _backward_keys(
-        p,
-        _STAGES.get(),
-        (t(q2_p), queries, keys, values, t(fh_p), t(fw_p), lse, delta, t(d_out_p), d_out_p),
-        consts,
-    )
-    tokens = q.shape[1]
+    d_k, d_v = _backward_keys(p, _STAGES.get(), args, consts)
+    tokens = q2.shape[1]
     return (
-        d_q[:, :tokens, : q.shape[-1]],
+        d_q[:, :tokens, : q2.shape[-1]],
         _keys_unpadded(p, d_k, k.shape[-1]),
         _keys_unpadded(p, d_v, v.shape[-1]),
         d_factors[:, :tokens, : p.height],
@@ -792,7 +783,7 @@ def _attend_fwd(q: Array, k: Array, v: Array, fh: Array, fw: Array) -> tuple[Arr
 
 def _attend_bwd(residuals: tuple[Array, ...], d_out: Array) -> tuple[Array, ...]:
     q, k, v, fh, fw, out, lse = lax.optimization_barrier(residuals)  # see _relative_attention_bwd
-    grads = _attend_log2_bwd(q, _log2(q), k, v, fh * _LOG2E, fw * _LOG2E, out, lse, d_out)
+    grads = _attend_log2_bwd(_log2(q), k, v, fh * _LOG2E, fw * _LOG2E, out, lse, d_out)
     return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v, fh, fw), strict=True))
 
 
@@ -866,7 +857,7 @@ def _relative_attention_bwd(residuals: tuple[Any, ...], d_out: Array) -> tuple[A
     q, k, v, table_h, table_w, out, lse = lax.optimization_barrier(residuals)
     inputs = _log2_inputs(q, k, v, table_h, table_w)
     flat_out, flat_d_out = _flat_heads_first(out), _flat_heads_first(d_out)
-    d_q, d_k, d_v, d_fh, d_fw = _attend_log2_bwd(_flat(q), *inputs, flat_out, lse, flat_d_out)
+    d_q, d_k, d_v, d_fh, d_fw = _attend_log2_bwd(*inputs, flat_out, lse, flat_d_out)
     (fh, fw), factors_vjp = jax.vjp(factors, q, table_h, table_w)  # linear: only its transpose is run
     d_q_factors, d_table_h, d_table_w = factors_vjp((d_fh.reshape(fh.shape), d_fw.reshape(fw.shape)))
     unflat = lambda x, like: jnp.moveaxis(
