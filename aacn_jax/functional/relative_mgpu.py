@@ -87,7 +87,7 @@ def available() -> bool:
         from jax.experimental.pallas import mosaic_gpu as plgpu
     except ImportError:
         return False
-    names = ("kernel", "wgmma", "ACC", "LoweringSemantics", "transpose_ref")
+    names = ("kernel", "wgmma", "ACC", "LoweringSemantics")
     return (
         jax.__version_info__ >= _MIN_JAX
         and all(hasattr(plgpu, name) for name in names)
@@ -376,14 +376,12 @@ def _row_bcast(x: Array, shape: tuple[int, ...], axis: int) -> Array:
 
 def _t(ref: Any) -> Any:
     """A 2-D shared-memory operand read transposed (a view: wgmma takes it K-major, nothing moves)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    return plgpu.transpose_ref(ref, (1, 0))
+    return ref.transpose((1, 0))
 
 
 def _window(p: Plan, b: Any) -> Any:
-    """The 16 columns of ``fh`` (rows of ``fh_t``) that hold key block b's rows: a multiple of the
-    tile, as Mosaic's TMA slices need."""
+    """The 16 columns of ``fh`` that hold key block b's rows: a multiple of the tile, as Mosaic's
+    TMA slices need."""
     from jax.experimental import pallas as pl
 
     return pl.ds(lax.div(b, p.phases) * _ROWS_K, _ROWS_K)
@@ -852,7 +850,7 @@ def _relative_attention_fwd(
 
 
 def _relative_attention_bwd(residuals: tuple[Any, ...], d_out: Array) -> tuple[Any, ...]:
-    # The barrier keeps XLA from merging what follows with the forward's same padding and transposes,
+    # The barrier keeps XLA from merging what follows with the forward's same padding and reshapes,
     # which would keep those alive from the forward to here (in a model: every layer's at once).
     q, k, v, table_h, table_w, out, lse = lax.optimization_barrier(residuals)
     inputs = _log2_inputs(q, k, v, table_h, table_w)
