@@ -30,26 +30,27 @@ def compiled(mesh, shape, key_block=None, stages=None):
     return gpu_compile.compiled_facts(mesh, attention.forward_backward("mgpu", key_block, stages), *args)
 
 
+def assert_three_kernels_without_spills(facts):
+    assert "error" not in facts, facts
+    assert set(facts["kernels"]) == KERNELS
+    for name, kernel in facts["kernels"].items():
+        assert kernel["spill_bytes"] == 0, (name, kernel)
+
+
 @pytest.mark.parametrize("shape", PAPER_SHAPES, ids=lambda shape: shape.name)
 def test_default_kernels_compile_for_an_h100_without_spilling(mesh, shape):
     """Forward+backward of one layer at the training batch, the default knobs: only the Mosaic GPU
     kernels (no cuDNN, no Triton fallback), all three through ptxas, no register spilled."""
     facts = compiled(mesh, shape)
-    assert "error" not in facts, facts
+    assert_three_kernels_without_spills(facts)
     assert facts["custom_calls"] == ["mosaic_gpu_v2"]
-    assert set(facts["kernels"]) == KERNELS
-    for name, kernel in facts["kernels"].items():
-        assert kernel["spill_bytes"] == 0, (name, kernel)
 
 
 @pytest.mark.parametrize("shape", [PAPER_SHAPES[0], PAPER_SHAPES[3]], ids=lambda shape: shape.name)
 def test_pipelined_kernels_fit_the_shared_memory_of_an_h100(mesh, shape):
     """The device sweep's pipelined setting at the two largest maps (32x32, 56x56): its extra slots
     fit the 227 KiB of shared memory a block may have, and nothing spills."""
-    facts = compiled(mesh, shape, stages=2)
-    assert "error" not in facts, facts
-    assert set(facts["kernels"]) == KERNELS
-    assert all(kernel["spill_bytes"] == 0 for kernel in facts["kernels"].values()), facts["kernels"]
+    assert_three_kernels_without_spills(compiled(mesh, shape, stages=2))
 
 
 def test_a_kernel_beyond_the_shared_memory_is_refused_at_compile_time(mesh):
