@@ -150,11 +150,12 @@ def test_tuning_sets_both_knobs_for_what_is_traced_inside_and_checks_them():
 def test_kernels_at_each_pipeline_depth_match_the_reference_without_races(stages):
     """``tuning(stages=...)``: each loop's TMA loads run ``stages - 1`` blocks ahead into their own
     shared-memory slots (``stages=1``, the default: each block loaded and awaited before its
-    wgmmas, and its buffers refilled only after they were awaited). 11 x 13: three key blocks (the last with one padding row) and three query
-    blocks (the last 15 of 64 real), so a block read from the wrong slot is not just a reordering of
-    the online softmax or of the sums. Values against the reference loops, all five gradients against
-    the dense path, under the interpreter's race detector (a slot read before its load was awaited,
-    or refilled while read, raises)."""
+    wgmmas, its buffers refilled only after those were awaited). 11 x 13: three key blocks (the
+    last with one padding row) and three query blocks (the last 15 of 64 real), so a block read
+    from the wrong slot is not just a reordering of the online softmax or of the sums. Values
+    against the reference loops, all five gradients against the dense path, under the
+    interpreter's race detector (a slot read before its load was awaited, or refilled while read,
+    raises)."""
     rng = np.random.default_rng(2250)
     B, H, W, N, dk, dv = 1, 11, 13, 2, 4, 3
     plan = relative_mgpu.plan(H, W)
