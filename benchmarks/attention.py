@@ -12,18 +12,20 @@ stages at 56/28/14/7; 8 heads, 20 key dims per head) it times forward+backward o
                  and in float32 fused's route)
   auto           relative attention as the library runs it by default (implementation=None)
   paper_port     a straightforward port of the paper's listing (tiled relative logits)
-and records median seconds (the implementations of a shape timed in interleaved rounds), XLA
-temporary bytes, optionally the peak RSS of a fresh process, and the fraction of this machine's
-measured matmul FLOP/s, and the exponential floor: the time a Hopper GPU's exp2 units need for
-one exponential per logit forward and one backward (``EXP2_PER_SECOND``), also as a fraction of
-the measured time. Every implementation is first checked against ``dense`` (outputs and
-gradients). ``--quick`` runs tiny shapes only (the agreement check, for CI) and writes nothing.
+and records median seconds (the implementations of a shape timed in interleaved rounds;
+``plain_flash`` and ``mgpu`` also their forward's time alone), XLA temporary bytes, optionally the
+peak RSS of a fresh process, the fraction of this machine's measured matmul FLOP/s, and the
+exponential floor: the time a Hopper GPU's exp2 units need for one exponential per logit forward
+and one backward (``EXP2_PER_SECOND``), also as a fraction of the measured time. Every
+implementation is first checked against ``dense`` (outputs and gradients). ``--quick`` runs tiny
+shapes only (the agreement check, for CI) and writes nothing.
 ``--dtype bfloat16 --training_batch`` measures what training on an accelerator runs: bfloat16 at
 batch 128 for the CIFAR shapes and 32 for the ImageNet ones. ``--mgpu_sweep`` first checks and
 times ``mgpu`` at each setting of its tuning knobs (keys per block ``MGPU_KEY_BLOCKS`` x pipeline
-stages ``MGPU_STAGES``) at each shape, records every timing in the JSON (``mgpu_sweep``; a setting
-that fails to compile, e.g. beyond the shared memory, or disagrees with dense gets a row with its
-``error`` instead, and is not timed) and measures the ``mgpu`` row at the fastest.
+stages ``MGPU_STAGES``) at each shape, forward+backward and the forward alone, records every timing
+in the JSON (``mgpu_sweep``; a setting that fails to compile, e.g. beyond the shared memory, or
+disagrees with dense gets its ``error`` or ``forward_error`` instead, and is not timed) and measures
+the ``mgpu`` row at the fastest forward+backward.
 """
 
 from __future__ import annotations
@@ -121,9 +123,16 @@ IMPLEMENTATIONS = {
 RELATIVE = ("dense", "blockwise", "fused", "mgpu", "auto", "paper_port")
 MGPU_KEY_BLOCKS = (64, 128, 256)  # the sweep's values of relative_mgpu.tuning(key_block=...)
 MGPU_STAGES = (1, 2)  # and of relative_mgpu.tuning(stages=...)
+FORWARD_TIMED = ("plain_flash", "mgpu")  # measure_shape times these forwards alone too
 # One exp2 per logit forward and one recomputed backward, at 16 exp2 per clock per SM (132 SMs,
 # ~1.83 GHz: H100/H200 SXM, FlashAttention-3, arXiv:2407.08608).
 EXP2_PER_SECOND = 16 * 132 * 1.83e9
+
+
+def _tuned(key_block: int | None, stages: int | None):
+    """``relative_mgpu.tuning(key_block, stages)``, or nothing where both are None."""
+    knobs = key_block is not None or stages is not None
+    return relative_mgpu.tuning(key_block, stages) if knobs else contextlib.nullcontext()
 
 
 @functools.cache
@@ -133,10 +142,22 @@ def forward_backward(name: str, key_block: int | None = None, stages: int | None
     attention = IMPLEMENTATIONS[name]
 
     def run(q, k, v, rel_h, rel_w, cotangent):
-        knobs = key_block is not None or stages is not None
-        with relative_mgpu.tuning(key_block, stages) if knobs else contextlib.nullcontext():
+        with _tuned(key_block, stages):
             out, vjp = jax.vjp(attention, q, k, v, rel_h, rel_w)
             return out, vjp(cotangent)
+
+    return jax.jit(run)
+
+
+@functools.cache
+def forward(name: str, key_block: int | None = None, stages: int | None = None):
+    """Jitted ``(q, k, v, rel_h, rel_w, cotangent) -> output``: :func:`forward_backward`'s forward
+    alone (the cotangent unused), to split a time between the two passes."""
+    attention = IMPLEMENTATIONS[name]
+
+    def run(q, k, v, rel_h, rel_w, cotangent):
+        with _tuned(key_block, stages):
+            return attention(q, k, v, rel_h, rel_w)
 
     return jax.jit(run)
 
@@ -159,17 +180,24 @@ def mgpu_knobs(shape: Shape, stages=MGPU_STAGES) -> list[tuple[int, int]]:
 
 
 def check_agreement(
-    shape: Shape, names, dtype=jnp.float32, key_block: int | None = None, stages: int | None = None
+    shape: Shape,
+    names,
+    dtype=jnp.float32,
+    key_block: int | None = None,
+    stages: int | None = None,
+    backward: bool = True,
 ) -> None:
-    """Outputs and gradients of every implementation equal dense (plain ones: dense without tables);
-    ``mgpu`` at the knobs ``key_block`` and ``stages``."""
+    """Outputs and gradients (``backward=False``: outputs alone, :func:`forward`) of every
+    implementation equal dense's (plain ones: dense without tables); ``mgpu`` at the knobs
+    ``key_block`` and ``stages``."""
     args = shape.arrays(dtype=dtype)
     tolerance = 2e-4 if dtype == jnp.float32 else 5e-2
-    want_rel = forward_backward("dense")(*args)
-    want_plain = forward_backward("plain")(*args)
+    run = forward_backward if backward else forward
+    want_rel = run("dense")(*args)
+    want_plain = run("plain")(*args)
     for name in names:
         want = want_rel if name in RELATIVE else want_plain
-        got = forward_backward(name, *((key_block, stages) if name == "mgpu" else ()))(*args)
+        got = run(name, *((key_block, stages) if name == "mgpu" else ()))(*args)
         for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             got_leaf, want_leaf = (np.asarray(x, np.float32) for x in (got_leaf, want_leaf))
             scale = max(1.0, float(np.abs(want_leaf).max())) if dtype != jnp.float32 else 1.0
@@ -178,39 +206,51 @@ def check_agreement(
             )
 
 
-def check_mgpu_knobs(shape: Shape, dtype=jnp.float32, stages=MGPU_STAGES) -> dict[tuple[int, int], str]:
-    """:func:`check_agreement` of ``mgpu`` at each of the sweep's settings; returns the failures,
-    ``{(key_block, stages): "<error type>: <first line>"}`` (a kernel beyond the GPU's shared memory
-    fails to compile), each printed, so that one failing setting costs its compile, not the run."""
+def check_mgpu_knobs(
+    shape: Shape, dtype=jnp.float32, stages=MGPU_STAGES, backward: bool = True
+) -> dict[tuple[int, int], str]:
+    """:func:`check_agreement` of ``mgpu`` at each of the sweep's settings (``backward=False``: the
+    forward alone); returns the failures, ``{(key_block, stages): "<error type>: <first line>"}`` (a
+    kernel beyond the GPU's shared memory fails to compile), each printed, so that one failing
+    setting costs its compile, not the run."""
     failures = {}
     for key_block, n in mgpu_knobs(shape, stages):
         try:
-            check_agreement(shape, ["mgpu"], dtype, key_block, n)
+            check_agreement(shape, ["mgpu"], dtype, key_block, n, backward)
         except Exception as error:  # recorded in the JSON; the other settings go on
             lines = str(error).strip().splitlines() or [""]
             failures[key_block, n] = f"{type(error).__name__}: {lines[0][:300]}"
-            failed = f"{shape.name}: mgpu at key_block={key_block} stages={n} FAILED"
+            what = "forward+backward" if backward else "forward"
+            failed = f"{shape.name}: mgpu {what} at key_block={key_block} stages={n} FAILED"
             print(f"{failed}: {failures[key_block, n]}", flush=True)
     return failures
 
 
 def sweep_mgpu(shape: Shape, repeats: int = 7, dtype=jnp.float32, stages=MGPU_STAGES) -> list[dict]:
-    """``mgpu`` at each setting of the sweep (:func:`mgpu_knobs`), checked against dense, then timed in
-    interleaved rounds: one row each, with its ``seconds``, or its ``error`` if the check failed."""
+    """``mgpu`` at each setting of the sweep (:func:`mgpu_knobs`), forward+backward and the forward
+    alone, each checked against dense's, then timed in interleaved rounds: one row per setting with
+    its ``seconds`` (or ``error`` if that check failed) and ``forward_seconds`` (or
+    ``forward_error``). So a setting whose backward fails on a GPU still times its forward."""
     args = shape.arrays(dtype=dtype)
-    failures = check_mgpu_knobs(shape, dtype, stages)
-    knobs = [knob for knob in mgpu_knobs(shape, stages) if knob not in failures]
-    calls = {knob: functools.partial(forward_backward("mgpu", *knob), *args) for knob in knobs}
+    passes = {"": forward_backward, "forward_": forward}
+    failures = {prefix: check_mgpu_knobs(shape, dtype, stages, backward=prefix == "") for prefix in passes}
+    calls = {
+        (prefix, knob): functools.partial(run("mgpu", *knob), *args)
+        for prefix, run in passes.items()
+        for knob in mgpu_knobs(shape, stages)
+        if knob not in failures[prefix]
+    }
     seconds = measure.interleaved_median_seconds(calls, repeats=repeats, min_seconds=0.5) if calls else {}
-    return [
-        {"shape": shape.name, "key_block": key_block, "stages": n}
-        | (
-            {"error": failures[key_block, n]}
-            if (key_block, n) in failures
-            else {"seconds": seconds[key_block, n]}
-        )
-        for key_block, n in mgpu_knobs(shape, stages)
-    ]
+    rows = []
+    for knob in mgpu_knobs(shape, stages):
+        row = {"shape": shape.name, "key_block": knob[0], "stages": knob[1]}
+        for prefix in passes:
+            if knob in failures[prefix]:
+                row[f"{prefix}error"] = failures[prefix][knob]
+            else:
+                row[f"{prefix}seconds"] = seconds[prefix, knob]
+        rows.append(row)
+    return rows
 
 
 def measure_shape(
@@ -223,13 +263,17 @@ def measure_shape(
     names=None,
 ) -> list[dict]:
     """One row per implementation (``names``, default all); their times come from interleaved rounds
-    (see ``measure``); ``mgpu`` at the knobs given (default: ``relative_mgpu``'s)."""
+    (see ``measure``), those of ``FORWARD_TIMED`` also their forward's alone (``forward_seconds``);
+    ``mgpu`` at the knobs given (default: ``relative_mgpu``'s)."""
     args = shape.arrays(dtype=dtype)
     knobs = (mgpu_key_block, mgpu_stages)
-    fns = {
-        name: forward_backward(name, *(knobs if name == "mgpu" else ())) for name in names or IMPLEMENTATIONS
-    }
+    knobs_of = lambda name: knobs if name == "mgpu" else ()
+    fns = {name: forward_backward(name, *knobs_of(name)) for name in names or IMPLEMENTATIONS}
     calls = {name: functools.partial(fn, *args) for name, fn in fns.items()}
+    forward_only = [name for name in fns if name in FORWARD_TIMED]
+    calls |= {
+        f"{name} forward": functools.partial(forward(name, *knobs_of(name)), *args) for name in forward_only
+    }
     seconds = measure.interleaved_median_seconds(calls, repeats=repeats, min_seconds=0.5)
     rows = []
     for name, fn in fns.items():
@@ -247,6 +291,8 @@ def measure_shape(
                 "exp_floor_fraction": 2 * shape.logits() / EXP2_PER_SECOND / seconds[name],
             }
         )
+        if name in forward_only:
+            rows[-1]["forward_seconds"] = seconds[f"{name} forward"]
         if name == "mgpu":
             with relative_mgpu.tuning(*knobs):
                 rows[-1]["key_block"] = relative_mgpu.plan(shape.height, shape.width).key_block
@@ -350,9 +396,15 @@ def main(argv=None) -> None:
                 best = (fastest["key_block"], fastest["stages"])
             else:  # every setting failed (the sweep's rows say why): measure the others
                 names.remove("mgpu")
+            times = {
+                (r["key_block"], r["stages"]): (
+                    r.get("seconds", "failed"),
+                    r.get("forward_seconds", "failed"),
+                )
+                for r in timed
+            }
             print(
-                f"{shape.name}: mgpu seconds by (key_block, stages) "
-                f"{[((r['key_block'], r['stages']), r.get('seconds', 'failed')) for r in timed]}",
+                f"{shape.name}: mgpu (forward+backward, forward) seconds by (key_block, stages) {times}",
                 flush=True,
             )
         measured = measure_shape(

@@ -5,7 +5,7 @@
 #   1. the attention tests on the device (fused path: cuDNN / Pallas kernels against the references)
 #   2. python -m benchmarks.attention --dtype bfloat16 --training_batch --mgpu_sweep
 #                                    -> results/attention-gpu.json (with the mgpu knob sweep, key_block x
-#                                       stages, in mgpu_sweep)
+#                                       stages, forward+backward and forward alone, in mgpu_sweep)
 #   3. python benchmarks/peers/flex_attention.py (PyTorch FlexAttention)  -> results/peers-gpu.json
 #   4. python -m benchmarks.plot                                          -> results/attention-gpu.png + table
 #   5. python -m benchmarks.models --dtype bfloat16 --training_batch --attention_implementations default mgpu

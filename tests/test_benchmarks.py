@@ -73,34 +73,43 @@ def test_models_quick_times_a_real_training_step_of_each_twin(capsys, monkeypatc
 
 
 def test_mgpu_sweep_times_each_setting_and_records_those_that_fail(monkeypatch):
-    """Every (key_block, stages) setting the shape allows gets a row: its median seconds, or, where its
-    check against dense raised (on a GPU: a kernel beyond the shared memory), the error's first line
-    and no time; the failing setting is not timed."""
+    """Every (key_block, stages) setting the shape allows gets a row: the median seconds of its
+    forward+backward and of its forward alone, or, for a pass whose check against dense raised (on a
+    GPU: a kernel beyond the shared memory, a backward that fails), the error's first line and no
+    time; a failing pass is not timed, the other pass of its setting is."""
     timed = []
 
-    def check(shape, names, dtype, key_block, stages):
-        if (key_block, stages) == (128, 2):
+    def check(shape, names, dtype, key_block, stages, backward):
+        if (key_block, stages) == (128, 2) or (backward and (key_block, stages) == (64, 2)):
             raise ValueError("Mosaic GPU kernel exceeds available shared memory: smem_bytes=1\nmore")
 
-    def forward_backward(name, key_block, stages):
-        return lambda *args: timed.append((key_block, stages)) or jnp.zeros(())
+    def timed_pass(backward):
+        def make(name, key_block, stages):
+            return lambda *args: timed.append((key_block, stages, backward)) or jnp.zeros(())
+
+        return make
 
     timing = measure.interleaved_median_seconds
     monkeypatch.setattr(attention, "check_agreement", check)
-    monkeypatch.setattr(attention, "forward_backward", forward_backward)
+    monkeypatch.setattr(attention, "forward_backward", timed_pass(True))
+    monkeypatch.setattr(attention, "forward", timed_pass(False))
     monkeypatch.setattr(  # the real timing, without the 0.5 s per call that a GPU's calls need
         measure, "interleaved_median_seconds", lambda calls, repeats, min_seconds: timing(calls, repeats)
     )
     rows = attention.sweep_mgpu(attention.QUICK_SHAPES[0], repeats=1, stages=(1, 2))
     assert [(r["key_block"], r["stages"]) for r in rows] == [(64, 1), (64, 2), (128, 1), (128, 2)]
+    error = "ValueError: Mosaic GPU kernel exceeds available shared memory: smem_bytes=1"
     assert rows[3] == {
         "shape": "quick_8x8",
         "key_block": 128,
         "stages": 2,
-        "error": "ValueError: Mosaic GPU kernel exceeds available shared memory: smem_bytes=1",
+        "error": error,
+        "forward_error": error,
     }
-    assert all(r["seconds"] > 0 and "error" not in r for r in rows[:3])
-    assert set(timed) == {(64, 1), (64, 2), (128, 1)}
+    assert rows[1]["error"] == error and rows[1]["forward_seconds"] > 0 and "seconds" not in rows[1]
+    for row in (rows[0], rows[2]):
+        assert row["seconds"] > 0 and row["forward_seconds"] > 0 and "error" not in row
+    assert set(timed) == {(64, 1, True), (64, 1, False), (64, 2, False), (128, 1, True), (128, 1, False)}
 
 
 def test_interleaved_timing_calls_each_once_per_round_in_shuffled_orders():
@@ -127,6 +136,8 @@ def test_attention_full_mode_rows_plot_and_table_on_a_tiny_shape(tmp_path):
     assert [r["implementation"] for r in rows] == list(attention.IMPLEMENTATIONS)
     for row in rows:
         assert row["seconds"] > 0 and row["temp_bytes"] >= 0 and row["flops_fraction"] > 0
+        assert ("forward_seconds" in row) == (row["implementation"] in ("plain_flash", "mgpu"))
+        assert row.get("forward_seconds", 1) > 0
     path = tmp_path / "attention-cpu.json"
     path.write_text(json.dumps({"machine": measure.machine_info(), "rows": rows}))
     assert plot.plot(path).stat().st_size > 0
