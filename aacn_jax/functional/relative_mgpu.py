@@ -394,6 +394,13 @@ def _phase(p: Plan, b: Any, size: int) -> Any:
     return pl.ds(lax.rem(b, p.phases) * size, size)
 
 
+def _logits(
+    q_s: Any, fh_s: Any, fw_s: Any, k_s: Any, rows_s: Any, cols_s: Any, shape: tuple[int, int]
+) -> Array:
+    """One block's log2-domain logits: ``q . k + fh . E_rows + fw . E_cols`` (or the transposes)."""
+    return _matmuls(shape, [(q_s, k_s), (fh_s, rows_s), (fw_s, cols_s)])
+
+
 def _forward(
     p: Plan, stages: int, q: Array, k: Array, v: Array, fh: Array, fw: Array, consts: tuple[Array, ...]
 ) -> Any:
@@ -448,7 +455,7 @@ def _forward(
             def step(b: Array, slot: Any, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
                 peak, total, acc = carry
                 k_b, v_b, fh_b, er_b = (_slot(x, slot) for x in (k_s, v_s, fh_s, er_s))
-                s = _matmuls((BLOCK_Q, nk), [(q_s, _t(k_b)), (fh_b, er_b), (fw_s, ec_s)])
+                s = _logits(q_s, fh_b, fw_s, _t(k_b), er_b, ec_s, (BLOCK_Q, nk))
                 new_peak = jnp.maximum(peak, jnp.max(s, axis=1))
                 alpha = jnp.exp2(peak - new_peak)
                 weights = jnp.exp2(s - _row_bcast(new_peak, s.shape, 0))
@@ -494,13 +501,6 @@ def _forward(
     )
     call = _kernel_call(relative_attention_fwd, out_type, (groups, queries // BLOCK_Q))
     return call(q, k, v, fh, fw, e_rows, e_cols)
-
-
-def _logits(
-    q_s: Any, fh_s: Any, fw_s: Any, k_s: Any, rows_s: Any, cols_s: Any, shape: tuple[int, int]
-) -> Array:
-    """One block's log2-domain logits: ``q . k + fh . E_rows + fw . E_cols`` (or the transposes)."""
-    return _matmuls(shape, [(q_s, k_s), (fh_s, rows_s), (fw_s, cols_s)])
 
 
 def _backward_queries(p: Plan, stages: int, args: tuple[Array, ...], consts: tuple[Array, ...]) -> Any:
